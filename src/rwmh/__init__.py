@@ -1,0 +1,23 @@
+"""rwmh: random-walk Metropolis-Hastings in JAX.
+
+A vmapped RWMH kernel with BlackJAX's ``init``/``step`` interface, warmup that adapts the step
+size and proposal covariance with statistics pooled across chains, a multi-chain driver, a
+NumPyro ``MCMCKernel`` and ArviZ output.
+"""
+
+from rwmh.adaptation import window_adaptation
+from rwmh.kernel import RWMHInfo, RWMHState, build_kernel, init, random_walk
+from rwmh.sampling import SampleResult, sample
+
+__all__ = [
+    "RWMHInfo",
+    "RWMHState",
+    "SampleResult",
+    "build_kernel",
+    "init",
+    "random_walk",
+    "sample",
+    "window_adaptation",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,531 @@
+"""Warmup that tunes the step size and the proposal covariance, pooled across chains.
+
+The scheme follows Stan's windowed adaptation (Stan Reference Manual, "HMC algorithm
+parameters"), carried over to random-walk Metropolis and to many chains at once:
+
+* An initial fast phase (default 75 steps) where only the step size adapts, so that chains
+  reach the typical set.
+* Slow windows of doubling length (25, 50, 100, ...; the last one absorbs the remainder). In
+  each window the mean and covariance of the target are estimated from the draws of *all*
+  chains pooled together. Each step contributes the Rao-Blackwellised pair ``(x, 1 - a)`` and
+  ``(x', a)`` (current point and proposal weighted by the acceptance probability ``a``),
+  which is the conditional expectation of the next state and lowers the estimator's variance.
+  At the end of a window the proposal covariance becomes the pooled estimate, shrunk toward its
+  own diagonal while draws are few, ``w S + (1 - w) 1e-3 diag(S)`` with ``w = n / (n + 5)``
+  (Stan's regulariser, made scale-free so that it does not distort parameters on tiny
+  scales), and the step size restarts from ``2.38 / sqrt(d)`` (Roberts, Gelman & Gilks 1997).
+* A final fast phase (default 50 steps) where only the step size adapts.
+
+The step size follows a Robbins-Monro recursion on its logarithm (Andrieu & Thoms 2008),
+``log s <- log s + (t + 1)^(-0.6) (abar - target)``, where ``abar`` is the mean acceptance
+probability over all chains, and ``t`` restarts with each window. The value used after warmup
+is the weighted average of the iterates (weights ``t^(-0.75)``, as Stan's dual averaging
+does), which removes the recursion's noise. The default target acceptance rate depends on the
+dimension: 0.44 in one dimension falling to 0.234 as ``d`` grows (Gelman, Roberts & Gilks 1996;
+Roberts, Gelman & Gilks 1997): ``0.234 + 0.206 exp(-(d - 1) / 2)``.
+
+Adaptation stops at the end of warmup: the parameters returned are fixed, so that sampling
+afterwards is a valid (time-homogeneous) Markov chain.
+
+References
+----------
+Andrieu, C. and Thoms, J. (2008). A tutorial on adaptive MCMC. Statistics and Computing 18,
+343-373.
+
+Gelman, A., Roberts, G. O. and Gilks, W. R. (1996). Efficient Metropolis jumping rules.
+Bayesian Statistics 5, 599-607.
+
+Roberts, G. O., Gelman, A. and Gilks, W. R. (1997). Weak convergence and optimal scaling of
+random walk Metropolis algorithms. Annals of Applied Probability 7, 110-120.
+
+Stan Development Team. Stan Reference Manual, section "Automatic parameter tuning".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from rwmh import kernel as _kernel
+
+__all__ = [
+    "AdaptationState",
+    "AdaptationInfo",
+    "AdaptationResults",
+    "WindowAdaptation",
+    "build_schedule",
+    "default_target_acceptance_rate",
+    "init",
+    "update",
+    "parameters",
+    "window_adaptation",
+]
+
+Array = jax.Array
+
+#: Robbins-Monro gain exponent for the log step size.
+_GAIN_EXPONENT = 0.6
+#: Exponent of the weights that average the step-size iterates (Stan's kappa).
+_AVERAGE_EXPONENT = 0.75
+
+
+class AdaptationState(NamedTuple):
+    """State of the pooled warmup adaptation.
+
+    step_size
+        The step size the kernel uses at the next step.
+    proposal_cov
+        The current proposal covariance, ``(d,)`` variances or a ``(d, d)`` matrix.
+    scale
+        Its factor (standard deviations or lower Cholesky factor), recomputed only when the
+        covariance changes.
+    log_step_size_avg
+        Weighted average of the log step-size iterates since the last restart.
+    count
+        Steps since the step-size recursion last restarted.
+    weight
+        Total weight of the pooled draws of the current slow window.
+    mean
+        Weighted mean of those draws, ``(d,)``.
+    m2
+        Weighted sum of squared deviations, ``(d,)`` (diagonal) or ``(d, d)`` (dense).
+    """
+
+    step_size: Array
+    proposal_cov: Array
+    scale: Array
+    log_step_size_avg: Array
+    count: Array
+    weight: Array
+    mean: Array
+    m2: Array
+
+
+class AdaptationInfo(NamedTuple):
+    """Trace of the warmup, one row per step.
+
+    acceptance_rate
+        Acceptance probability of every chain, ``(num_steps, num_chains)``.
+    step_size
+        Step size used at each step, ``(num_steps,)``.
+    """
+
+    acceptance_rate: Array
+    step_size: Array
+
+
+class AdaptationResults(NamedTuple):
+    """What warmup returns: the chain states after warmup and the adapted parameters."""
+
+    states: _kernel.RWMHState
+    parameters: dict
+
+
+def default_target_acceptance_rate(dimension: int) -> float:
+    """Asymptotically optimal random-walk acceptance rate for ``dimension`` parameters.
+
+    0.44 in one dimension, falling to 0.234 as the dimension grows (Gelman, Roberts & Gilks
+    1996; Roberts, Gelman & Gilks 1997).
+    """
+    return 0.234 + 0.206 * math.exp(-(dimension - 1) / 2.0)
+
+
+def initial_step_size(dimension: int) -> float:
+    """The optimal scale ``2.38 / sqrt(d)`` for a proposal covariance equal to the target's."""
+    return 2.38 / math.sqrt(dimension)
+
+
+def build_schedule(
+    num_steps: int, initial_buffer: int = 75, first_window: int = 25, final_buffer: int = 50
+) -> np.ndarray:
+    """Stan's warmup windows as a ``(num_steps, 2)`` boolean array.
+
+    Column 0 says whether the step belongs to a slow window (covariance estimation); column 1
+    marks the last step of each slow window, where the covariance is updated. With fewer than
+    20 steps only the step size adapts; when the default buffers do not fit, they become 15%
+    and 10% of the steps, as in Stan.
+    """
+    schedule = np.zeros((num_steps, 2), dtype=bool)
+    if num_steps < 20:
+        return schedule
+    if initial_buffer + first_window + final_buffer > num_steps:
+        initial_buffer = int(0.15 * num_steps)
+        final_buffer = int(0.1 * num_steps)
+        first_window = num_steps - initial_buffer - final_buffer
+    slow_end = num_steps - final_buffer
+    start, size = initial_buffer, first_window
+    while start < slow_end:
+        end = start + size
+        # The last window absorbs what would be too short to make a window of its own.
+        if end + 2 * size > slow_end:
+            end = slow_end
+        schedule[start:end, 0] = True
+        schedule[end - 1, 1] = True
+        start, size = end, 2 * size
+    return schedule
+
+
+def init(
+    dimension: int,
+    dtype: Any,
+    step_size: Any = None,
+    proposal_cov: Any = None,
+    dense: bool = True,
+) -> AdaptationState:
+    """Start the adaptation from a step size and a proposal covariance (defaults: ``2.38 /
+    sqrt(d)`` and the identity)."""
+    if step_size is None:
+        step_size = initial_step_size(dimension)
+    if proposal_cov is None:
+        proposal_cov = jnp.eye(dimension, dtype=dtype) if dense else jnp.ones(dimension, dtype)
+    proposal_cov = jnp.asarray(proposal_cov, dtype)
+    if dense and proposal_cov.ndim == 1:
+        proposal_cov = jnp.diag(proposal_cov)
+    elif not dense and proposal_cov.ndim == 2:
+        proposal_cov = jnp.diag(proposal_cov)
+    scale = _kernel.proposal_scale(proposal_cov, dimension)
+    step_size = jnp.asarray(step_size, dtype)
+    return AdaptationState(
+        step_size=step_size,
+        proposal_cov=proposal_cov,
+        scale=scale,
+        log_step_size_avg=jnp.log(step_size),
+        count=jnp.zeros((), jnp.int32),
+        weight=jnp.zeros((), dtype),
+        mean=jnp.zeros(dimension, dtype),
+        m2=jnp.zeros_like(proposal_cov),
+    )
+
+
+def _accumulate(state: AdaptationState, points: Array, weights: Array) -> AdaptationState:
+    """Merge weighted points ``(n, d)`` into the window's mean and m2 (Chan et al. 1979)."""
+    batch_weight = jnp.sum(weights)
+    batch_mean = weights @ points / batch_weight
+    centred = points - batch_mean
+    dense = state.m2.ndim == 2
+    if dense:
+        batch_m2 = (centred * weights[:, None]).T @ centred
+    else:
+        batch_m2 = weights @ (centred * centred)
+    total = state.weight + batch_weight
+    delta = batch_mean - state.mean
+    fraction = batch_weight / total
+    mean = state.mean + fraction * delta
+    correction = state.weight * fraction
+    if dense:
+        m2 = state.m2 + batch_m2 + correction * jnp.outer(delta, delta)
+    else:
+        m2 = state.m2 + batch_m2 + correction * delta * delta
+    return state._replace(weight=total, mean=mean, m2=m2)
+
+
+def _regularised_covariance(state: AdaptationState, num_points: Array) -> Array:
+    """The window's covariance shrunk toward its diagonal, ``w S + (1 - w) 1e-3 diag(S)``."""
+    covariance = state.m2 / state.weight
+    w = num_points / (num_points + 5.0)
+    if covariance.ndim == 1:
+        return w * covariance + (1.0 - w) * 1e-3 * covariance
+    variances = jnp.diag(covariance)
+    return w * covariance + (1.0 - w) * 1e-3 * jnp.diag(variances)
+
+
+def _factor(covariance: Array) -> Array:
+    """Factor as ``diag(sd) chol(R)``, which stays accurate for badly scaled parameters."""
+    if covariance.ndim == 1:
+        return jnp.sqrt(covariance)
+    sd = jnp.sqrt(jnp.diag(covariance))
+    correlation = covariance / jnp.outer(sd, sd)
+    return sd[:, None] * jnp.linalg.cholesky(correlation)
+
+
+def _end_window(state: AdaptationState, num_points: Array, dimension: int) -> AdaptationState:
+    covariance = _regularised_covariance(state, num_points)
+    variances = covariance if covariance.ndim == 1 else jnp.diag(covariance)
+    scale = _factor(covariance)
+    # A window in which the chains did not move at all carries no information about the
+    # target's shape: keep the previous covariance rather than factor a singular matrix.
+    usable = jnp.all(jnp.isfinite(scale)) & jnp.all(variances > 0)
+    covariance = jnp.where(usable, covariance, state.proposal_cov)
+    scale = jnp.where(usable, scale, state.scale)
+    step_size = jnp.where(
+        usable, jnp.asarray(initial_step_size(dimension), state.step_size.dtype), state.step_size
+    )
+    return state._replace(
+        proposal_cov=covariance,
+        scale=scale,
+        step_size=step_size,
+        log_step_size_avg=jnp.log(step_size),
+        count=jnp.zeros_like(state.count),
+        weight=jnp.zeros_like(state.weight),
+        mean=jnp.zeros_like(state.mean),
+        m2=jnp.zeros_like(state.m2),
+    )
+
+
+def update(
+    state: AdaptationState,
+    schedule_row: Array,
+    flat_positions: Array,
+    flat_proposals: Array,
+    acceptance_rates: Array,
+    target_acceptance_rate: float,
+) -> AdaptationState:
+    """One adaptation step from the transitions of all chains.
+
+    Parameters
+    ----------
+    state
+        The adaptation state.
+    schedule_row
+        ``(in_slow_window, window_end)`` for this step, a row of :func:`build_schedule`.
+    flat_positions, flat_proposals
+        ``(num_chains, d)`` flattened positions before the step and the proposals made.
+    acceptance_rates
+        ``(num_chains,)`` acceptance probabilities of those proposals.
+    target_acceptance_rate
+        The acceptance rate the step size is tuned toward.
+    """
+    dtype = state.step_size.dtype
+    in_slow_window, window_end = schedule_row[0], schedule_row[1]
+    dimension = flat_positions.shape[-1]
+    acceptance_rates = jnp.where(jnp.isfinite(acceptance_rates), acceptance_rates, 0.0)
+
+    # Step size: Robbins-Monro on log s with the pooled acceptance, then averaged iterates.
+    count = state.count + 1
+    t = count.astype(dtype)
+    mean_acceptance = jnp.mean(acceptance_rates).astype(dtype)
+    log_step_size = jnp.log(state.step_size) + t ** (-_GAIN_EXPONENT) * (
+        mean_acceptance - target_acceptance_rate
+    )
+    average_weight = t ** (-_AVERAGE_EXPONENT)
+    log_step_size_avg = (
+        average_weight * log_step_size + (1.0 - average_weight) * state.log_step_size_avg
+    )
+    new_state = state._replace(
+        step_size=jnp.exp(log_step_size), log_step_size_avg=log_step_size_avg, count=count
+    )
+
+    # Covariance: Rao-Blackwellised pooled draws while inside a slow window.
+    points = jnp.concatenate([flat_positions, flat_proposals]).astype(dtype)
+    weights = jnp.concatenate([1.0 - acceptance_rates, acceptance_rates]).astype(dtype)
+    accumulated = _accumulate(new_state, points, weights)
+    new_state = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(in_slow_window, a, b), accumulated, new_state
+    )
+    # Each chain-step adds total weight one, so the weight counts the pooled draws.
+    return jax.lax.cond(
+        window_end,
+        lambda s: _end_window(s, s.weight, dimension),
+        lambda s: s,
+        new_state,
+    )
+
+
+def parameters(state: AdaptationState) -> dict:
+    """The adapted ``{"step_size", "proposal_cov"}``: the averaged step size is used."""
+    return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
+
+
+def _check_target(target_acceptance_rate):
+    if target_acceptance_rate is None:
+        return
+    try:
+        value = float(target_acceptance_rate)
+    except (TypeError, ValueError):
+        raise TypeError(
+            "target_acceptance_rate must be a number in (0, 1) or None; got "
+            f"{target_acceptance_rate!r}."
+        ) from None
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"target_acceptance_rate must lie in (0, 1); got {value}.")
+
+
+def _check_num_steps(num_steps, name: str = "num_steps"):
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise TypeError(f"{name} must be a non-negative integer; got {num_steps!r}.")
+    if num_steps < 0:
+        raise ValueError(f"{name} must be a non-negative integer; got {num_steps}.")
+
+
+def _chain_count(positions) -> int:
+    leaves = jax.tree_util.tree_leaves(positions)
+    if not leaves:
+        raise ValueError("positions must hold at least one array.")
+    sizes = set()
+    for leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                "positions must carry a leading chain axis (num_chains, ...); got a scalar leaf. "
+                "For one chain, add an axis: position[None]."
+            )
+        sizes.add(shape[0])
+    if len(sizes) != 1:
+        raise ValueError(
+            "positions: every leaf must have the same leading chain axis; got sizes "
+            f"{sorted(sizes)}."
+        )
+    return sizes.pop()
+
+
+def warmup_loop(
+    logdensity_fn: Callable,
+    target_acceptance_rate: float | None,
+    chain_keys: Array,
+    states: _kernel.RWMHState,
+    adaptation_state: AdaptationState,
+    step_indices: Array,
+    schedule: Array,
+):
+    """Run the adaptation over the rows of ``schedule``; pure, meant to be called under ``jit``.
+
+    The key of chain ``c`` at warmup step ``t`` is ``fold_in(chain_keys[c], t)``, with ``t``
+    taken from ``step_indices``, so a warmup run in pieces equals one run in a single piece.
+    Returns ``(states, adaptation_state, AdaptationInfo)``.
+    """
+    flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], states.position))
+    dimension = flat_one.shape[0]
+    if target_acceptance_rate is None:
+        target_acceptance_rate = default_target_acceptance_rate(dimension)
+    kernel = _kernel.build_kernel()
+    ravel = jax.vmap(lambda p: ravel_pytree(p)[0])
+
+    def one_step(carry, xs):
+        states, adapt = carry
+        step_index, row = xs
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(chain_keys, step_index)
+        new_states, info = jax.vmap(
+            lambda k, s: kernel(k, s, logdensity_fn, adapt.step_size, scale=adapt.scale)
+        )(keys, states)
+        adapt_next = update(
+            adapt,
+            row,
+            ravel(states.position),
+            ravel(info.proposal.position),
+            info.acceptance_rate,
+            target_acceptance_rate,
+        )
+        return (new_states, adapt_next), AdaptationInfo(info.acceptance_rate, adapt.step_size)
+
+    (states, adaptation_state), info = jax.lax.scan(
+        one_step, (states, adaptation_state), (step_indices, schedule)
+    )
+    return states, adaptation_state, info
+
+
+@partial(jax.jit, static_argnames=("logdensity_fn", "target_acceptance_rate"))
+def run_warmup(
+    logdensity_fn, target_acceptance_rate, chain_keys, states, adapt, step_indices, schedule
+):
+    """Compiled :func:`warmup_loop`, cached per log density and array shapes."""
+    return warmup_loop(
+        logdensity_fn, target_acceptance_rate, chain_keys, states, adapt, step_indices, schedule
+    )
+
+
+def chain_keys(rng_key, num_chains: int) -> Array:
+    """Key of chain ``c`` is ``fold_in(rng_key, c)``: it depends on the chain's index alone, so
+    padding or sharding the chain axis never changes a chain's draws."""
+    if isinstance(rng_key, jax.Array) and not jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+        if rng_key.shape != (2,) or rng_key.dtype != jnp.uint32:
+            raise ValueError(
+                "rng_key must be a typed key (jax.random.key) or a legacy PRNGKey of shape (2,) "
+                f"and dtype uint32; got shape {rng_key.shape} and dtype {rng_key.dtype}."
+            )
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        rng_key, jnp.arange(num_chains, dtype=jnp.uint32)
+    )
+
+
+def initial_state(logdensity_fn, positions, step_size=None, proposal_cov=None, dense=True):
+    """Batched chain states and a fresh :class:`AdaptationState` for ``positions``."""
+    states = init_states(logdensity_fn, positions)
+    flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
+    dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
+    adapt = init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
+    return states, adapt
+
+
+@partial(jax.jit, static_argnames=("logdensity_fn",))
+def init_states(logdensity_fn, positions) -> _kernel.RWMHState:
+    """``jax.vmap(rwmh.init)`` over the chain axis, compiled."""
+    return jax.vmap(lambda p: _kernel.init(p, logdensity_fn))(positions)
+
+
+class WindowAdaptation(NamedTuple):
+    """Adaptation algorithm with ``run(rng_key, positions, num_steps)``, as BlackJAX's."""
+
+    run: Callable
+
+
+def window_adaptation(
+    logdensity_fn: Callable,
+    target_acceptance_rate: float | None = None,
+    dense: bool = True,
+    initial_step_size: float | None = None,
+    initial_proposal_cov: Any = None,
+) -> WindowAdaptation:
+    """Warmup that adapts ``step_size`` and ``proposal_cov`` with statistics pooled across chains.
+
+    Parameters
+    ----------
+    logdensity_fn
+        Log density of the target for one position.
+    target_acceptance_rate
+        Acceptance rate to tune the step size toward, in (0, 1). By default it depends on the
+        dimension ``d``: ``0.234 + 0.206 exp(-(d - 1) / 2)`` (0.44 for d = 1).
+    dense
+        Estimate a dense covariance (True) or only the variances (False).
+    initial_step_size, initial_proposal_cov
+        Starting values; by default ``2.38 / sqrt(d)`` and the identity.
+
+    Returns
+    -------
+    An object whose ``run(rng_key, positions, num_steps=1000)`` returns
+    ``(AdaptationResults(states, parameters), info)``, where ``positions`` carry a leading chain
+    axis, ``states`` are the chain states after warmup, ``parameters`` is
+    ``{"step_size", "proposal_cov"}`` for :func:`rwmh.random_walk`, and ``info`` is an
+    :class:`AdaptationInfo`.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, rwmh
+    >>> logdensity = lambda x: -0.5 * jnp.sum(x**2 / jnp.array([1.0, 100.0]))
+    >>> warmup = rwmh.window_adaptation(logdensity)
+    >>> (states, parameters), info = warmup.run(jax.random.key(0), jnp.zeros((8, 2)), 500)
+    >>> sorted(parameters)
+    ['proposal_cov', 'step_size']
+    """
+    if not callable(logdensity_fn):
+        raise TypeError(f"logdensity_fn must be callable; got {type(logdensity_fn).__name__}.")
+    _check_target(target_acceptance_rate)
+    if target_acceptance_rate is not None:
+        target_acceptance_rate = float(target_acceptance_rate)
+    if initial_step_size is not None and not (
+        np.ndim(initial_step_size) == 0 and np.isfinite(initial_step_size) and initial_step_size > 0
+    ):
+        raise ValueError(f"initial_step_size must be a positive number; got {initial_step_size!r}.")
+
+    def run(rng_key, positions, num_steps: int = 1000):
+        _check_num_steps(num_steps)
+        num_chains = _chain_count(positions)
+        positions = jax.tree_util.tree_map(jnp.asarray, positions)
+        states, adapt = initial_state(
+            logdensity_fn, positions, initial_step_size, initial_proposal_cov, dense
+        )
+        schedule = jnp.asarray(build_schedule(num_steps))
+        step_indices = jnp.arange(num_steps, dtype=jnp.uint32)
+        keys = chain_keys(rng_key, num_chains)
+        states, adapt, info = run_warmup(
+            logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule
+        )
+        return AdaptationResults(states, parameters(adapt)), info
+
+    return WindowAdaptation(run)

@@ -1,0 +1,307 @@
+"""Random-walk Metropolis-Hastings with a Gaussian proposal.
+
+Given the current position :math:`x` (any PyTree, flattened in
+``jax.flatten_util.ravel_pytree`` order to a vector of length :math:`d`), the kernel
+proposes
+
+.. math::
+
+    x' = x + s \\, L z, \\qquad z \\sim \\mathcal{N}(0, I_d), \\qquad L L^\\top = \\Sigma,
+
+where :math:`s` is ``step_size`` and :math:`\\Sigma` is ``proposal_cov``, a *covariance*
+(identity when None, a vector of variances when diagonal, a dense matrix otherwise). The
+proposal is symmetric, so the move is accepted with probability
+:math:`\\min(1, \\pi(x') / \\pi(x))` (Metropolis et al. 1953; Hastings 1970). The test is made
+in log space, ``log u < log pi(x') - log pi(x)``, and a proposal whose log density is NaN or
+infinite is always rejected, so a log density that returns ``-inf`` (or NaN) outside its
+support confines the chain to the support.
+
+The factor :math:`L` is computed once, when the algorithm is built (:func:`random_walk`) or
+by :func:`proposal_scale`, and never per step.
+
+References
+----------
+Metropolis, N., Rosenbluth, A. W., Rosenbluth, M. N., Teller, A. H. and Teller, E. (1953).
+Equation of state calculations by fast computing machines. J. Chem. Phys. 21, 1087.
+
+Hastings, W. K. (1970). Monte Carlo sampling methods using Markov chains and their
+applications. Biometrika 57, 97-109.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from blackjax.base import SamplingAlgorithm
+from jax.flatten_util import ravel_pytree
+
+__all__ = [
+    "RWMHState",
+    "RWMHInfo",
+    "init",
+    "build_kernel",
+    "random_walk",
+    "proposal_scale",
+]
+
+ArrayTree = Any
+ArrayLikeTree = Any
+Array = jax.Array
+ArrayLike = Any
+PRNGKey = jax.Array
+
+
+class RWMHState(NamedTuple):
+    """State of one random-walk Metropolis-Hastings chain.
+
+    position
+        The current position of the chain, a PyTree of arrays.
+    logdensity
+        The (unnormalised) log density of the target at ``position``, a scalar.
+    """
+
+    position: ArrayTree
+    logdensity: Array
+
+
+class RWMHInfo(NamedTuple):
+    """What happened during one transition.
+
+    acceptance_rate
+        The Metropolis-Hastings acceptance probability of the proposal,
+        ``min(1, exp(logdensity(proposal) - logdensity(current)))``; 0 when the proposal's log
+        density is NaN or infinite.
+    is_accepted
+        Whether the proposal was accepted (the new state is the proposal).
+    proposal
+        The proposed state (position and its log density), whether accepted or not.
+    """
+
+    acceptance_rate: Array
+    is_accepted: Array
+    proposal: RWMHState
+
+
+def _check_scalar_logdensity(logdensity: Array) -> Array:
+    if jnp.ndim(logdensity) != 0:
+        raise ValueError(
+            "logdensity_fn must return a scalar for one position; got an array of shape "
+            f"{jnp.shape(logdensity)}. For several chains use jax.vmap over positions."
+        )
+    if not jnp.issubdtype(jnp.result_type(logdensity), jnp.floating):
+        raise TypeError(
+            "logdensity_fn must return a floating-point scalar; got dtype "
+            f"{jnp.result_type(logdensity)}."
+        )
+    return logdensity
+
+
+def init(position: ArrayLikeTree, logdensity_fn: Callable, rng_key: PRNGKey | None = None):
+    """Create the state of one chain at ``position``.
+
+    Parameters
+    ----------
+    position
+        The initial position, any PyTree of arrays.
+    logdensity_fn
+        The log density of the target, a function of one position returning a scalar.
+    rng_key
+        Unused; accepted so that the function fits BlackJAX's ``init(position, rng_key)``.
+
+    Returns
+    -------
+    The chain's :class:`RWMHState`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, rwmh
+    >>> state = rwmh.init(jnp.zeros(2), lambda x: -0.5 * jnp.sum(x**2))
+    >>> float(state.logdensity)
+    -0.0
+    """
+    del rng_key
+    position = jax.tree_util.tree_map(jnp.asarray, position)
+    logdensity = _check_scalar_logdensity(logdensity_fn(position))
+    return RWMHState(position, logdensity)
+
+
+def proposal_scale(proposal_cov: ArrayLike | None, dimension: int | None = None):
+    """Factor a proposal covariance once: the ``L`` with ``L @ L.T == proposal_cov``.
+
+    Parameters
+    ----------
+    proposal_cov
+        None (identity), a vector of ``d`` variances (diagonal covariance) or a ``(d, d)``
+        symmetric positive-definite covariance matrix.
+    dimension
+        If given, the flattened dimension ``d`` of the position that ``proposal_cov`` must match.
+
+    Returns
+    -------
+    None for the identity, the vector of standard deviations for a diagonal covariance, or
+    the lower Cholesky factor for a dense one.
+
+    Raises
+    ------
+    ValueError
+        If the shape does not match, a variance is not positive or the matrix is not positive
+        definite (checked when the values are concrete, that is outside of ``jit``).
+    """
+    if proposal_cov is None:
+        return None
+    proposal_cov = jnp.asarray(proposal_cov)
+    if not jnp.issubdtype(proposal_cov.dtype, jnp.floating):
+        proposal_cov = proposal_cov.astype(jnp.result_type(float))
+    ndim = proposal_cov.ndim
+    if ndim not in (1, 2) or (ndim == 2 and proposal_cov.shape[0] != proposal_cov.shape[1]):
+        raise ValueError(
+            "proposal_cov must be None, a vector of d variances or a (d, d) covariance matrix; "
+            f"got shape {proposal_cov.shape}."
+        )
+    if dimension is not None and proposal_cov.shape[0] != dimension:
+        raise ValueError(
+            f"proposal_cov has shape {proposal_cov.shape} but the flattened position has "
+            f"dimension {dimension}; expected ({dimension},) or ({dimension}, {dimension})."
+        )
+    concrete = not isinstance(proposal_cov, jax.core.Tracer)
+    if ndim == 1:
+        if concrete and not bool(np.all(np.asarray(proposal_cov) > 0)):
+            raise ValueError("proposal_cov (diagonal) must hold positive, finite variances.")
+        return jnp.sqrt(proposal_cov)
+    if concrete:
+        dense = np.asarray(proposal_cov)
+        if not np.all(np.isfinite(dense)) or not np.allclose(
+            dense, dense.T, rtol=1e-5, atol=1e-8 * np.max(np.abs(dense))
+        ):
+            raise ValueError("proposal_cov must be a finite, symmetric matrix.")
+    lower = jnp.linalg.cholesky(proposal_cov)
+    if concrete and not bool(jnp.all(jnp.isfinite(lower))):
+        raise ValueError("proposal_cov must be positive definite (its Cholesky factor failed).")
+    return lower
+
+
+def _check_scale(scale, dimension: int):
+    if scale is not None and jnp.shape(scale)[0] != dimension:
+        raise ValueError(
+            f"proposal_cov has shape {jnp.shape(scale)} but the flattened position has "
+            f"dimension {dimension}; expected ({dimension},) or ({dimension}, {dimension})."
+        )
+
+
+def _propose(rng_key: PRNGKey, flat_position: Array, step_size, scale) -> Array:
+    """Draw ``x + step_size * L z``; ``scale`` is None, a vector or a lower factor."""
+    noise = jax.random.normal(rng_key, flat_position.shape, flat_position.dtype)
+    if scale is None:
+        increment = noise
+    elif jnp.ndim(scale) == 1:
+        increment = scale.astype(noise.dtype) * noise
+    else:
+        increment = scale.astype(noise.dtype) @ noise
+    return flat_position + jnp.asarray(step_size, noise.dtype) * increment
+
+
+def build_kernel() -> Callable:
+    """Build the random-walk Metropolis-Hastings transition kernel.
+
+    Returns
+    -------
+    ``kernel(rng_key, state, logdensity_fn, step_size, proposal_cov=None, *, scale=None)``
+    that moves one chain by one step and returns ``(RWMHState, RWMHInfo)``. Pass either the
+    covariance ``proposal_cov`` (factored on each call) or its factor ``scale`` from
+    :func:`proposal_scale` (factored once by the caller, which is what :func:`random_walk`
+    and the adaptation do).
+    """
+
+    def kernel(
+        rng_key: PRNGKey,
+        state: RWMHState,
+        logdensity_fn: Callable,
+        step_size: ArrayLike,
+        proposal_cov: ArrayLike | None = None,
+        *,
+        scale: ArrayLike | None = None,
+    ) -> tuple[RWMHState, RWMHInfo]:
+        if proposal_cov is not None and scale is not None:
+            raise ValueError("Pass proposal_cov or its factor scale, not both.")
+        flat_position, unravel = ravel_pytree(state.position)
+        if scale is None:
+            scale = proposal_scale(proposal_cov, flat_position.shape[0])
+        else:
+            _check_scale(scale, flat_position.shape[0])
+        key_proposal, key_accept = jax.random.split(rng_key)
+        flat_proposal = _propose(key_proposal, flat_position, step_size, scale)
+        proposal_position = unravel(flat_proposal)
+        proposal_logdensity = _check_scalar_logdensity(logdensity_fn(proposal_position))
+        proposal_logdensity = proposal_logdensity.astype(jnp.result_type(state.logdensity))
+
+        log_ratio = proposal_logdensity - state.logdensity
+        admissible = jnp.isfinite(proposal_logdensity) & ~jnp.isnan(log_ratio)
+        log_uniform = jnp.log(jax.random.uniform(key_accept, (), log_ratio.dtype))
+        is_accepted = admissible & (log_uniform < log_ratio)
+        acceptance_rate = jnp.where(
+            admissible, jnp.exp(jnp.minimum(log_ratio, 0.0)), jnp.zeros_like(log_ratio)
+        )
+
+        proposal = RWMHState(proposal_position, proposal_logdensity)
+        new_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(is_accepted, new, old), proposal, state
+        )
+        return new_state, RWMHInfo(acceptance_rate, is_accepted, proposal)
+
+    return kernel
+
+
+def random_walk(
+    logdensity_fn: Callable,
+    step_size: ArrayLike = 1.0,
+    proposal_cov: ArrayLike | None = None,
+) -> SamplingAlgorithm:
+    """Random-walk Metropolis-Hastings as a BlackJAX ``SamplingAlgorithm``.
+
+    Parameters
+    ----------
+    logdensity_fn
+        Log density of the target (up to a constant) for one position, returning a scalar.
+    step_size
+        The scalar ``s`` in ``x' = x + s L z``; must be positive.
+    proposal_cov
+        Proposal covariance ``L L^T``: None (identity), ``(d,)`` variances or a ``(d, d)``
+        matrix over the flattened position. It is factored here, once.
+
+    Returns
+    -------
+    ``blackjax.base.SamplingAlgorithm(init, step)`` with ``init(position, rng_key=None)`` and
+    ``step(rng_key, state)``; vmap both for several chains.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, rwmh
+    >>> algo = rwmh.random_walk(lambda x: -0.5 * jnp.sum(x**2), step_size=1.0)
+    >>> states = jax.vmap(algo.init)(jnp.zeros((4, 2)))
+    >>> keys = jax.random.split(jax.random.key(0), 4)
+    >>> states, info = jax.vmap(algo.step)(keys, states)
+    >>> info.acceptance_rate.shape
+    (4,)
+    """
+    if not callable(logdensity_fn):
+        raise TypeError(f"logdensity_fn must be callable; got {type(logdensity_fn).__name__}.")
+    if not isinstance(step_size, jax.core.Tracer):
+        step_array = np.asarray(step_size)
+        if step_array.ndim != 0 or not np.isfinite(step_array) or step_array <= 0:
+            raise ValueError(f"step_size must be a positive finite scalar; got {step_size!r}.")
+    scale = proposal_scale(proposal_cov)
+    kernel = build_kernel()
+
+    def init_fn(position: ArrayLikeTree, rng_key: PRNGKey | None = None) -> RWMHState:
+        state = init(position, logdensity_fn)
+        _check_scale(scale, ravel_pytree(state.position)[0].shape[0])
+        return state
+
+    def step_fn(rng_key: PRNGKey, state: RWMHState) -> tuple[RWMHState, RWMHInfo]:
+        return kernel(rng_key, state, logdensity_fn, step_size, scale=scale)
+
+    return SamplingAlgorithm(init_fn, step_fn)
