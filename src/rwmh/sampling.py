@@ -464,6 +464,8 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
             draws = layout.to_host(draws, chain_axis=1)
             run.states, run.next_step = states, first + num_draws
             run.draw_chunks.append(draws)
+            if run.next_step == num_samples:
+                run.phase = "done"
             _save(run, layout, checkpoint_path)
         run.phase = "done"
     except KeyboardInterrupt:
