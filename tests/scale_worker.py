@@ -216,7 +216,7 @@ def sharded(out):
     # Chunked against unchunked, both sharded and with warmup.
     kwargs = dict(num_samples=50, num_warmup=150, progress_bar=False, devices=jax.devices())
     results["chunked"] = rwmh.sample(
-        jax.random.key(5), regression_logdensity, initial_regression(8), chunk_size=40, **kwargs
+        jax.random.key(5), regression_logdensity, initial_regression(8), chunk_size=50, **kwargs
     ).positions
     results["unchunked"] = results["sharded_8"]
     np.savez(out, **results)
