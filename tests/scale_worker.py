@@ -143,11 +143,11 @@ def checkpointed(path):
     )
 
 
-CHECKPOINT_RUN = dict(num_samples=400, num_warmup=100, thin=2, chunk_size=10, progress_bar=False)
+CHECKPOINT_RUN = dict(num_samples=200, num_warmup=100, thin=2, chunk_size=10, progress_bar=False)
 
 
 def memory(steps_factor, chunk_size):
-    """Peak resident memory of a 4096-chain run with ``250`` stored draws and ``thin`` =
+    """Peak resident memory of a 4096-chain run with ``100`` stored draws and ``thin`` =
     ``steps_factor``: the steps grow with ``steps_factor``, the stored draws do not."""
     import jax
     import jax.numpy as jnp
@@ -162,14 +162,14 @@ def memory(steps_factor, chunk_size):
         jax.random.key(0),
         logdensity,
         np.zeros((4096, 3), np.float32),
-        num_samples=250,
+        num_samples=100,
         num_warmup=0,
         thin=int(steps_factor),
         step_size=1.0,
         chunk_size=chunk,
         progress_bar=False,
     )
-    assert result.positions.shape == (4096, 250, 3)
+    assert result.positions.shape == (4096, 100, 3)
     # ru_maxrss is in kilobytes on Linux: the peak of host memory, which on CPU also holds
     # the "device" buffers.
     print(json.dumps({"max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
@@ -219,7 +219,46 @@ def sharded(out):
         jax.random.key(5), regression_logdensity, initial_regression(8), chunk_size=50, **kwargs
     ).positions
     results["unchunked"] = results["sharded_8"]
+    results.update(padded_checkpoint(out))
     np.savez(out, **results)
+
+
+def padded_checkpoint(out):
+    """6 chains padded to 8 over 4 devices, stopped by Ctrl-C after the second checkpoint (in
+    warmup), then resumed sharded: the draws must equal the uninterrupted sharded run."""
+    import warnings
+
+    import jax
+
+    import rwmh
+    from rwmh import checkpoint
+
+    path = f"{out}.ckpt"
+    kwargs = dict(num_samples=50, num_warmup=150, chunk_size=50, progress_bar=False)
+    positions = initial_regression(6)
+    key = jax.random.key(9)
+    whole = rwmh.sample(key, regression_logdensity, positions, devices="all", **kwargs)
+    write, writes = checkpoint.write, []
+
+    def write_then_interrupt(*args, **kwargs):
+        write(*args, **kwargs)
+        writes.append(None)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+
+    checkpoint.write = write_then_interrupt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        partial = rwmh.sample(
+            key, regression_logdensity, positions, devices="all", checkpoint=path, **kwargs
+        )
+    checkpoint.write = write
+    resumed = rwmh.resume(path, regression_logdensity, devices="all", progress_bar=False)
+    return {
+        "padded_whole": whole.positions,
+        "padded_resumed": resumed.positions,
+        "padded_partial_warmup_steps": partial.warmup_info.acceptance_rate.shape[0],
+    }
 
 
 if __name__ == "__main__":

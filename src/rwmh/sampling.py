@@ -168,12 +168,6 @@ def _chunks(total: int, size: int, start: int = 0):
         yield first, min(size, total - first)
 
 
-def _concatenate_chunks(chunks):
-    """Join chunks along the draw axis and put the chain axis first."""
-    joined = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts, axis=0), *chunks)
-    return jax.tree_util.tree_map(lambda x: np.swapaxes(x, 0, 1), joined)
-
-
 # ---------------------------------------------------------------------------------------------
 # Devices: the chain axis over a one-dimensional mesh.
 # ---------------------------------------------------------------------------------------------
@@ -276,14 +270,15 @@ class _Layout:
             return None
         return self._put(np.arange(self.num_padded) < self.num_chains, P(CHAIN_AXIS))
 
-    def to_host(self, tree, chain_axis: int):
-        """Numpy copies of ``tree`` without the padding chains (gathered from all processes)."""
+    def to_host(self, tree, chain_axis: int | None):
+        """Numpy copies of ``tree`` (gathered from all processes) without the padding chains
+        along ``chain_axis`` (None: arrays without a chain axis, kept whole)."""
 
         def fetch(x):
             if isinstance(x, jax.Array) and not x.is_fully_addressable:
                 x = multihost_utils.process_allgather(x, tiled=True)
             x = np.asarray(x)
-            if self.padding and x.ndim > chain_axis:
+            if self.padding and chain_axis is not None and x.ndim > chain_axis:
                 x = np.take(x, np.arange(self.num_chains), axis=chain_axis)
             return x
 
@@ -344,14 +339,19 @@ def _sharded_sampling(mesh: Mesh):
 # ---------------------------------------------------------------------------------------------
 
 
+def _leaf_pairs(a, b):
+    return zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+
+
 @dataclass
 class _Run:
     """A run in progress.
 
     ``phase`` is ``"warmup"``, ``"sampling"`` or ``"done"``; ``next_step`` is the next warmup
     step, or the next stored draw, to compute. ``states`` live on the device(s) in the padded
-    layout; ``warmup_chunks`` and ``draw_chunks`` are host copies of what was computed, draw
-    axis first.
+    layout. ``warmup_trace`` (step axis first) and ``draws`` (chain axis first) are host arrays
+    allocated for the whole run when the first chunk arrives and filled chunk by chunk, so the
+    host never holds the draws twice (as joining a list of chunks at the end would).
     """
 
     settings: dict
@@ -362,19 +362,47 @@ class _Run:
     adapt: _adaptation.AdaptationState
     parameters: dict | None = None
     scale: Any = None
-    warmup_chunks: list = field(default_factory=list)
-    draw_chunks: list = field(default_factory=list)
+    warmup_trace: Any = None
+    draws: Any = None
+
+    def store_warmup(self, info, first: int) -> None:
+        """Copy a chunk of the warmup trace, ``(steps, ...)``, to rows ``first, ...``."""
+        if self.warmup_trace is None:
+            total = self.settings["num_warmup"]
+            self.warmup_trace = jax.tree_util.tree_map(
+                lambda x: np.empty((total, *x.shape[1:]), x.dtype), info
+            )
+        for buffer, part in _leaf_pairs(self.warmup_trace, info):
+            buffer[first : first + part.shape[0]] = part
+
+    def store_draws(self, draws, first: int) -> None:
+        """Copy a chunk of draws, ``(draw, chain, ...)``, to draws ``first, ...`` of every chain."""
+        if self.draws is None:
+            total = self.settings["num_samples"]
+            self.draws = jax.tree_util.tree_map(
+                lambda x: np.empty((x.shape[1], total, *x.shape[2:]), x.dtype), draws
+            )
+        for buffer, part in _leaf_pairs(self.draws, draws):
+            buffer[:, first : first + part.shape[0]] = np.swapaxes(part, 0, 1)
+
+    def completed(self):
+        """``(warmup_info, (positions, stats))`` of the steps completed so far (views), or None
+        for a part not started."""
+        num_warmup = self.next_step if self.phase == "warmup" else self.settings["num_warmup"]
+        num_draws = {"warmup": 0, "sampling": self.next_step, "done": None}[self.phase]
+        warmup = draws = None
+        if self.warmup_trace is not None:
+            warmup = _adaptation.AdaptationInfo(*(x[:num_warmup] for x in self.warmup_trace))
+        if self.draws is not None and num_draws != 0:
+            draws = jax.tree_util.tree_map(lambda x: x[:, :num_draws], self.draws)
+        return warmup, draws
 
     def result(self, layout: _Layout, interrupted: bool = False) -> SampleResult:
         """The draws made so far as a :class:`SampleResult`."""
         settings = self.settings
-        warmup_info = None
-        if self.warmup_chunks:
-            warmup_info = jax.tree_util.tree_map(
-                lambda *xs: np.concatenate(xs), *self.warmup_chunks
-            )
-        if self.draw_chunks:
-            draws, stats = _concatenate_chunks(self.draw_chunks)
+        warmup_info, completed = self.completed()
+        if completed is not None:
+            draws, stats = completed
         else:
             # Stopped before the first stored draw: empty draw axis, right shapes and dtypes.
             host = layout.to_host(self.states, chain_axis=0)
@@ -441,9 +469,8 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
                     layout.replicated(schedule[first : first + length]),
                     *mask,
                 )
-                info = _adaptation.AdaptationInfo(*layout.to_host(tuple(info), chain_axis=1))
+                run.store_warmup(layout.to_host(tuple(info), chain_axis=1), first)
                 run.states, run.adapt, run.next_step = states, adapt, first + length
-                run.warmup_chunks.append(info)
                 _save(run, layout, checkpoint_path)
             _start_sampling(run)
 
@@ -461,9 +488,8 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
                 scale,
                 layout.replicated(np.asarray(first * thin, np.uint32)),
             )
-            draws = layout.to_host(draws, chain_axis=1)
+            run.store_draws(layout.to_host(draws, chain_axis=1), first)
             run.states, run.next_step = states, first + num_draws
-            run.draw_chunks.append(draws)
             if run.next_step == num_samples:
                 run.phase = "done"
             _save(run, layout, checkpoint_path)
@@ -504,7 +530,7 @@ def _save(run: _Run, layout: _Layout, path) -> None:
         return
     # Every process takes part in gathering the sharded state; one of them writes it.
     states = layout.to_host(run.states, chain_axis=0)
-    adapt = layout.to_host(run.adapt, chain_axis=-1)
+    adapt = layout.to_host(run.adapt, chain_axis=None)
     if jax.process_index() != 0:
         return
     structure, position_leaves = _checkpoint.encode_tree(states.position)
@@ -517,12 +543,11 @@ def _save(run: _Run, layout: _Layout, path) -> None:
         optional["parameters/step_size"] = run.parameters["step_size"]
         optional["parameters/proposal_cov"] = run.parameters["proposal_cov"]
         optional["parameters/scale"] = run.scale
-    if run.warmup_chunks:
-        info = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *run.warmup_chunks)
-        optional["warmup/acceptance_rate"] = info.acceptance_rate
-        optional["warmup/step_size"] = info.step_size
-    if run.draw_chunks:
-        draws, stats = _concatenate_chunks(run.draw_chunks)
+    warmup, completed = run.completed()
+    if warmup is not None:
+        optional["warmup/acceptance_rate"], optional["warmup/step_size"] = warmup
+    if completed is not None:
+        draws, stats = completed
         _, draw_leaves = _checkpoint.encode_tree(draws)
         optional.update({f"draws/position/{i}": leaf for i, leaf in enumerate(draw_leaves)})
         optional.update({f"draws/stats/{name}": value for name, value in stats.items()})
@@ -609,7 +634,7 @@ def _load(path) -> tuple[_Run, dict]:
                 f"warmup trace has shape {info.acceptance_rate.shape}, expected "
                 f"({done}, {num_chains})"
             )
-        run.warmup_chunks.append(info)
+        run.store_warmup(tuple(info), 0)
     if "draws/position/0" in optional:
         draws = _checkpoint.decode_tree(
             structure, [array(f"draws/position/{i}") for i in range(num_leaves)]
@@ -622,9 +647,7 @@ def _load(path) -> tuple[_Run, dict]:
             if np.shape(leaf)[:2] != (num_chains, done):
                 expected = f"({num_chains}, {done}, ...)"
                 raise fail(f"a draws array has shape {np.shape(leaf)}, not {expected}")
-        run.draw_chunks.append(
-            jax.tree_util.tree_map(lambda x: np.swapaxes(x, 0, 1), (draws, stats))
-        )
+        run.store_draws(jax.tree_util.tree_map(lambda x: np.swapaxes(x, 0, 1), (draws, stats)), 0)
     elif phase == "done" or (phase == "sampling" and next_step > 0):
         raise fail("the draws are missing")
     return run, metadata
