@@ -457,7 +457,8 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
             keys = layout.chain_keys(warmup_key)
             # Only a padded layout passes a mask: without one the statistics are computed
             # exactly as the unsharded run computes them.
-            mask = () if layout.chain_mask() is None else (layout.chain_mask(),)
+            chain_mask = layout.chain_mask()
+            mask = () if chain_mask is None else (chain_mask,)
             for first, length in _chunks(num_warmup, chunk_size or num_warmup, run.next_step):
                 states, adapt, info = run_warmup(
                     logdensity_fn,
@@ -503,7 +504,11 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
         )
         return run.result(layout, interrupted=True)
     except Exception as error:
-        error.partial_result = run.result(layout, interrupted=True)
+        try:
+            error.partial_result = run.result(layout, interrupted=True)
+        except Exception:
+            # The failure may have left the devices unusable: never hide the original error.
+            raise error from None
         error.add_note(
             f"rwmh: the draws completed before the failure (phase {run.phase}, step "
             f"{run.next_step}) are in this exception's partial_result attribute."
