@@ -7,6 +7,12 @@ on how the run is cut into chunks nor on how chains are laid out over devices.
 The scans are compiled once per log density and array shapes and cached by ``jax.jit``: a
 second call with the same ``logdensity_fn`` (the same Python object) and the same shapes does
 not compile again.
+
+A run is a :class:`_Run` advanced chunk by chunk by :func:`_drive`: after every chunk its draws
+move to preallocated host arrays and, with ``checkpoint=``, the whole run is written to disk
+(:mod:`rwmh.checkpoint`), from where :func:`resume` continues it. With ``devices=`` the chain
+axis is sharded over a one-dimensional :class:`jax.sharding.Mesh` (:class:`_Layout`), on one
+process or several (``jax.distributed``).
 """
 
 from __future__ import annotations
