@@ -7,7 +7,7 @@ NumPyro ``MCMCKernel`` and ArviZ output.
 
 from rwmh.adaptation import window_adaptation
 from rwmh.kernel import RWMHInfo, RWMHState, build_kernel, init, random_walk
-from rwmh.sampling import SampleResult, sample
+from rwmh.sampling import SampleResult, resume, sample
 
 __all__ = [
     "RWMHInfo",
@@ -16,6 +16,7 @@ __all__ = [
     "build_kernel",
     "init",
     "random_walk",
+    "resume",
     "sample",
     "window_adaptation",
 ]

@@ -276,6 +276,7 @@ def update(
     flat_proposals: Array,
     acceptance_rates: Array,
     target_acceptance_rate: float,
+    chain_mask: Array | None = None,
 ) -> AdaptationState:
     """One adaptation step from the transitions of all chains.
 
@@ -291,16 +292,27 @@ def update(
         ``(num_chains,)`` acceptance probabilities of those proposals.
     target_acceptance_rate
         The acceptance rate the step size is tuned toward.
+    chain_mask
+        Optional ``(num_chains,)`` booleans; chains marked False (padding that fills devices)
+        take no part in the pooled statistics. None: every chain counts.
     """
     dtype = state.step_size.dtype
     in_slow_window, window_end = schedule_row[0], schedule_row[1]
     dimension = flat_positions.shape[-1]
     acceptance_rates = jnp.where(jnp.isfinite(acceptance_rates), acceptance_rates, 0.0)
+    if chain_mask is None:
+        chain_weights = 1.0
+        mean_acceptance = jnp.mean(acceptance_rates).astype(dtype)
+    else:
+        # Weight zero for a masked chain, here and in the window's covariance below, gives the
+        # statistics of the chains without the padding.
+        chain_weights = chain_mask.astype(acceptance_rates.dtype)
+        acceptance_rates = acceptance_rates * chain_weights
+        mean_acceptance = (jnp.sum(acceptance_rates) / jnp.sum(chain_weights)).astype(dtype)
 
     # Step size: Robbins-Monro on log s with the pooled acceptance, then averaged iterates.
     count = state.count + 1
     t = count.astype(dtype)
-    mean_acceptance = jnp.mean(acceptance_rates).astype(dtype)
     log_step_size = jnp.log(state.step_size) + t ** (-_GAIN_EXPONENT) * (
         mean_acceptance - target_acceptance_rate
     )
@@ -314,7 +326,7 @@ def update(
 
     # Covariance: Rao-Blackwellised pooled draws while inside a slow window.
     points = jnp.concatenate([flat_positions, flat_proposals]).astype(dtype)
-    weights = jnp.concatenate([1.0 - acceptance_rates, acceptance_rates]).astype(dtype)
+    weights = jnp.concatenate([chain_weights - acceptance_rates, acceptance_rates]).astype(dtype)
     accumulated = _accumulate(new_state, points, weights)
     new_state = jax.tree_util.tree_map(
         lambda a, b: jnp.where(in_slow_window, a, b), accumulated, new_state
@@ -383,11 +395,13 @@ def warmup_loop(
     adaptation_state: AdaptationState,
     step_indices: Array,
     schedule: Array,
+    chain_mask: Array | None = None,
 ):
     """Run the adaptation over the rows of ``schedule``; pure, meant to be called under ``jit``.
 
     The key of chain ``c`` at warmup step ``t`` is ``fold_in(chain_keys[c], t)``, with ``t``
     taken from ``step_indices``, so a warmup run in pieces equals one run in a single piece.
+    ``chain_mask`` is passed to :func:`update`.
     Returns ``(states, adaptation_state, AdaptationInfo)``.
     """
     flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], states.position))
@@ -411,6 +425,7 @@ def warmup_loop(
             ravel(info.proposal.position),
             info.acceptance_rate,
             target_acceptance_rate,
+            chain_mask,
         )
         return (new_states, adapt_next), AdaptationInfo(info.acceptance_rate, adapt.step_size)
 

@@ -1,0 +1,58 @@
+"""Multi-process sampling through ``jax.distributed``: two local processes, 2 CPU devices each.
+
+Both processes run the same ``rwmh.sample(..., devices="all")`` over the 4 global devices;
+process 0 gathers the draws and writes them. They must match the same run in one process.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import jax
+import numpy as np
+import scale_worker
+from _scale_helpers import start_worker
+
+import rwmh
+
+TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    out = tmp_path / "distributed.npz"
+    port = _free_port()
+    processes = [
+        start_worker("distributed", out, port, process_id, num_devices=2) for process_id in (0, 1)
+    ]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        # Whatever happened (a hang in a collective, a timeout), no process outlives the test.
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        errors = [process.communicate()[1] for process in processes]
+    for process_id, (process, stderr) in enumerate(zip(processes, errors, strict=True)):
+        assert process.returncode == 0, f"process {process_id} failed:\n{stderr[-3000:]}"
+
+    single = rwmh.sample(
+        jax.random.key(7),
+        scale_worker.regression_logdensity,
+        scale_worker.initial_regression(8),
+        **scale_worker.DISTRIBUTED_RUN,
+    )
+    with np.load(out) as distributed:
+        assert int(distributed["state_devices"]) == 4
+        assert distributed["positions"].shape == (8, 50, 3)
+        np.testing.assert_allclose(distributed["step_size"], single.parameters["step_size"], 1e-5)
+        np.testing.assert_allclose(distributed["positions"], single.positions, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(distributed["lp"], single.stats["lp"], rtol=1e-5)

@@ -1,0 +1,194 @@
+"""Scale options of rwmh.sample: devices (sharded chains), chunk_size, Ctrl-C, memory.
+
+Runs over 4 CPU devices need ``XLA_FLAGS`` set before jax starts, so they happen in a child
+process (``scale_worker.py sharded``) and the tests here compare what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scale_worker
+from _scale_helpers import run_worker
+
+import rwmh
+from rwmh import sampling
+
+# thin=3 and chunks of 10 throughout, so that the tests share compiled code.
+RUN = dict(num_samples=30, num_warmup=60, thin=3, progress_bar=False)
+
+
+def _never_called(x):
+    raise AssertionError("the log density was traced: validation came too late")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded") / "sharded.npz"
+    run_worker("sharded", out, num_devices=4, timeout=240)
+    with np.load(out) as results:
+        return dict(results)
+
+
+@pytest.mark.parametrize("num_chains", [8, 6])
+def test_all_devices_match_one_device(sharded, num_chains):
+    # 6 chains over 4 devices are padded to 8; the padding must not enter the pooled warmup
+    # statistics, or the step size (and every draw after it) would differ by far more.
+    np.testing.assert_allclose(
+        sharded[f"sharded_step_size_{num_chains}"],
+        sharded[f"unsharded_step_size_{num_chains}"],
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        sharded[f"sharded_{num_chains}"], sharded[f"unsharded_{num_chains}"], rtol=1e-5, atol=1e-5
+    )
+    assert sharded[f"sharded_{num_chains}"].shape == (num_chains, 50, 3)
+
+
+def test_last_state_lives_on_all_devices(sharded):
+    assert sharded["state_devices_8"] == 4
+    # Sharded, not replicated: each device holds 2 of the 8 chains.
+    assert sharded["state_shard_8"] == 2
+    assert sharded["state_devices_6"] == 4
+
+
+def test_sharded_draws_identical_without_pooling(sharded):
+    # Without warmup and with a diagonal proposal nothing is pooled or multiplied as a batch:
+    # a Mesh with chunks gives the draws of one device bit for bit.
+    np.testing.assert_array_equal(sharded["exact_sharded_chunked"], sharded["exact_unsharded"])
+
+
+def test_sharded_chunked_equals_unchunked(sharded):
+    np.testing.assert_array_equal(sharded["chunked"], sharded["unchunked"])
+
+
+def test_padded_sharded_checkpoint_resumes_exactly(sharded):
+    assert sharded["padded_partial_warmup_steps"] == 100
+    np.testing.assert_array_equal(sharded["padded_resumed"], sharded["padded_whole"])
+
+
+def test_chunked_equals_unchunked_exactly():
+    positions = scale_worker.initial_gaussian(4)
+    logdensity = scale_worker.gaussian_logdensity
+    whole = rwmh.sample(jax.random.key(2), logdensity, positions, **RUN)
+    chunked = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
+    for a, b in zip(
+        jax.tree.leaves(whole.positions), jax.tree.leaves(chunked.positions), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    for name in whole.stats:
+        np.testing.assert_array_equal(whole.stats[name], chunked.stats[name])
+    np.testing.assert_array_equal(
+        whole.warmup_info.acceptance_rate, chunked.warmup_info.acceptance_rate
+    )
+    # Draws leave the device after each chunk: the result holds host arrays.
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(chunked.positions))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(devices="some"), ValueError, "devices"),
+        (dict(devices=3), TypeError, "devices"),
+        (dict(devices=[]), ValueError, "devices"),
+        (dict(devices=["cpu"]), TypeError, "devices"),
+        (dict(devices=[jax.devices()[0]] * 2), ValueError, "devices"),
+        (
+            dict(devices=jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("a", "b"))),
+            ValueError,
+            "devices",
+        ),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_size=2.5), TypeError, "chunk_size"),
+        (dict(checkpoint=3), TypeError, "checkpoint"),
+        (dict(checkpoint="/nonexistent-dir/run.npz"), ValueError, "checkpoint"),
+    ],
+)
+def test_invalid_scale_options_fail_before_compiling(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        rwmh.sample(jax.random.key(0), _never_called, jnp.zeros((4, 2)), **RUN, **kwargs)
+
+
+def test_checkpoint_directory_is_not_a_file_path(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint"):
+        rwmh.sample(jax.random.key(0), _never_called, jnp.zeros((4, 2)), checkpoint=tmp_path)
+
+
+def _interrupt_on_call(monkeypatch, module, name, call):
+    """Make the ``call``-th call of ``module.name`` raise KeyboardInterrupt, as Ctrl-C
+    arriving while the driver waits for that chunk."""
+    original = getattr(module, name)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+def test_ctrl_c_returns_the_completed_draws(monkeypatch):
+    positions = scale_worker.initial_gaussian(4)
+    logdensity = scale_worker.gaussian_logdensity
+    whole = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
+    _interrupt_on_call(monkeypatch, sampling, "run_sampling", 3)
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        partial = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
+    assert partial.extra["interrupted"] is True
+    assert partial.num_draws == 20
+    for a, b in zip(
+        jax.tree.leaves(partial.positions), jax.tree.leaves(whole.positions), strict=True
+    ):
+        np.testing.assert_array_equal(a, b[:, :20])
+    np.testing.assert_array_equal(partial.stats["lp"], whole.stats["lp"][:, :20])
+
+
+def test_ctrl_c_during_warmup_keeps_the_warmup_trace(monkeypatch):
+    positions = scale_worker.initial_gaussian(4)
+    logdensity = scale_worker.gaussian_logdensity
+    _interrupt_on_call(monkeypatch, rwmh.adaptation, "run_warmup", 2)
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        partial = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
+    assert partial.num_draws == 0
+    assert partial.positions["x"].shape == (4, 0, 2)
+    assert partial.warmup_info.acceptance_rate.shape == (10, 4)
+
+
+def test_failure_mid_run_carries_the_completed_draws(monkeypatch):
+    positions = scale_worker.initial_gaussian(4)
+    original = sampling.run_sampling
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "run_sampling", failing)
+    with pytest.raises(RuntimeError, match="device lost") as raised:
+        rwmh.sample(
+            jax.random.key(2), scale_worker.gaussian_logdensity, positions, chunk_size=10, **RUN
+        )
+    assert raised.value.partial_result.num_draws == 10
+
+
+def _peak_rss_kb(steps_factor):
+    return json.loads(run_worker("memory", steps_factor, "none").strip().splitlines()[-1])[
+        "max_rss_kb"
+    ]
+
+
+def test_memory_bounded_when_steps_grow_40x():
+    # 4096 chains, 100 stored draws; thin=40 takes 40x the steps. Stored after the scan, the
+    # 40x states would add ~0.4 GB (4096 x 4000 x 3 float32 positions, plus the stats) to a
+    # peak of about 0.35 GB.
+    few = _peak_rss_kb(1)
+    many = _peak_rss_kb(40)
+    assert many < 1.15 * few, (few, many)
