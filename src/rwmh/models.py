@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "linear_regression",
@@ -68,10 +69,13 @@ def simulate_linear_regression(
     -------
     ``(x, y)``, two arrays of shape ``(num_points,)``.
     """
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+    if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)):
         raise ValueError(f"num_points must be a positive integer; got {num_points!r}.")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive; got {sigma!r}.")
+    if num_points < 1:
+        raise ValueError(f"num_points must be a positive integer; got {num_points!r}.")
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive finite number; got {sigma!r}.")
+    num_points = int(num_points)
     key_x, key_noise = jax.random.split(rng_key)
     x = jax.random.normal(key_x, (num_points,))
     y = intercept + slope * x + sigma * jax.random.normal(key_noise, (num_points,))
