@@ -272,6 +272,7 @@ class RWMH(MCMCKernel):
         return ("z", "accept_prob", "potential_energy")
 
     def get_diagnostics_str(self, state):
+        """Step size and mean acceptance probability, for NumPyro's progress bar."""
         step_size = float(jnp.mean(state.step_size))
         accept_prob = float(jnp.mean(state.mean_accept_prob))
         return f"step size {step_size:.2e}. acc. prob={accept_prob:.2f}"
@@ -298,6 +299,21 @@ class RWMH(MCMCKernel):
         return state._replace(potential_energy=potential_fn(state.z))
 
     def init(self, rng_key, num_warmup, init_params=None, model_args=(), model_kwargs=None):
+        """Initial :class:`RWMHKernelState`; called by ``MCMC.run``.
+
+        Parameters
+        ----------
+        rng_key
+            One key, or a batch of ``num_chains`` keys in vectorized mode (the state is then
+            batched too and this kernel moves all chains at once).
+        num_warmup
+            Number of adapting iterations.
+        init_params
+            Initial unconstrained position (required with ``potential_fn``); by default drawn
+            with ``init_strategy``.
+        model_args, model_kwargs
+            Arguments of the model.
+        """
         model_kwargs = {} if model_kwargs is None else model_kwargs
         # A batch of keys means chain_method="vectorized": this kernel moves all chains.
         vectorized = not is_prng_key(rng_key)
