@@ -194,6 +194,7 @@ def test_vectorized_warmup_is_pooled_and_sampling_parameters_frozen(regression):
     state = mcmc.last_state
     assert isinstance(state, RWMHKernelState)
     assert state.adapt_state.proposal_cov.shape == (4, 3, 3)
+    assert_allclose(state.adapt_state.step_size, step_size[:, -1])
     assert np.all(
         np.asarray(state.adapt_state.proposal_cov) == np.asarray(state.adapt_state.proposal_cov[0])
     )

@@ -80,7 +80,7 @@ class RWMHKernelState(NamedTuple):
         from the last warmup iteration on it is the adapted (averaged) value.
     adapt_state
         The :class:`rwmh.adaptation.AdaptationState`; its ``scale`` factors the proposal
-        covariance that the next transition uses.
+        covariance that the next transition uses, and its ``step_size`` equals ``step_size``.
     rng_key
         Random key for the next transition.
     """
@@ -477,7 +477,10 @@ class RWMH(MCMCKernel):
                 # The last warmup step hands over the averaged iterate, the value to sample with.
                 final = _adaptation.parameters(adapt_state)["step_size"]
                 step_size = jnp.where(i == num_warmup - 1, final, adapt_state.step_size)
-            return adapt_state, step_size.astype(operand[1].dtype)
+            step_size = step_size.astype(operand[1].dtype)
+            # Keep adapt_state.step_size what it documents, the step size of the next
+            # transition (users of NumPyro's HMC collect "adapt_state.step_size").
+            return adapt_state._replace(step_size=step_size), step_size
 
         return jax.lax.cond(i < num_warmup, update, identity, (adapt_state, step_size))
 
