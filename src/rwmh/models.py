@@ -1,8 +1,7 @@
 """Models used across rwmh: the linear regression as a NumPyro model, and its simulator.
 
 The regression is ``y_i ~ Normal(intercept + slope * x_i, sigma)`` with weakly informative
-priors, chosen to be broad relative to standardised data and to keep ``sigma`` away from
-neither zero nor infinity:
+priors, broad relative to data on a unit scale so that the likelihood dominates:
 
 * ``intercept ~ Normal(0, 10)``
 * ``slope ~ Normal(0, 10)``
@@ -13,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "linear_regression",
@@ -64,14 +64,34 @@ def simulate_linear_regression(
 ):
     """Simulate ``(x, y)`` with ``x ~ Normal(0, 1)`` and ``y = intercept + slope x + sigma e``.
 
+    Parameters
+    ----------
+    rng_key
+        A typed key (``jax.random.key``) or a legacy ``jax.random.PRNGKey``.
+    num_points
+        Number of observations, a positive integer.
+    intercept, slope, sigma
+        The true line and the noise standard deviation (positive).
+
     Returns
     -------
     ``(x, y)``, two arrays of shape ``(num_points,)``.
+
+    Examples
+    --------
+    >>> import jax
+    >>> from rwmh.models import simulate_linear_regression
+    >>> x, y = simulate_linear_regression(jax.random.key(0), 100, slope=-1.0)
+    >>> x.shape, y.shape
+    ((100,), (100,))
     """
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+    if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)):
         raise ValueError(f"num_points must be a positive integer; got {num_points!r}.")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive; got {sigma!r}.")
+    if num_points < 1:
+        raise ValueError(f"num_points must be a positive integer; got {num_points!r}.")
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive finite number; got {sigma!r}.")
+    num_points = int(num_points)
     key_x, key_noise = jax.random.split(rng_key)
     x = jax.random.normal(key_x, (num_points,))
     y = intercept + slope * x + sigma * jax.random.normal(key_noise, (num_points,))
