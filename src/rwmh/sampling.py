@@ -23,6 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 from rwmh import adaptation as _adaptation
 from rwmh import kernel as _kernel
+from rwmh import progress as _progress
 
 __all__ = ["SampleResult", "sample"]
 
@@ -208,7 +209,10 @@ def sample(
     target_acceptance_rate, dense
         Passed to the warmup (see :func:`rwmh.window_adaptation`).
     progress_bar
-        Show progress (when the output is a terminal).
+        Show a tqdm bar per phase with the mean acceptance rate and, while sampling, the
+        largest split R-hat so far, when ``sys.stderr`` is a terminal (see
+        :mod:`rwmh.progress`). It is updated between chunks; with ``chunk_size=None`` each
+        phase is then cut into about 20 chunks.
     chunk_size
         Number of stored draws computed per compiled call before they are moved to the host;
         None computes all of them in one call.
@@ -249,11 +253,13 @@ def sample(
         logdensity_fn, positions, step_size, proposal_cov, dense
     )
     warmup_info = None
+    bar = _progress.progress_bar(progress_bar)
     if num_warmup > 0:
+        bar.start("warmup", num_warmup)
         schedule = jnp.asarray(_adaptation.build_schedule(num_warmup))
         keys = _adaptation.chain_keys(warmup_key, num_chains)
         infos = []
-        for first, length in _chunks(num_warmup, chunk_size or num_warmup):
+        for first, length in _chunks(num_warmup, chunk_size or bar.chunk_length(num_warmup)):
             states, adapt, info = _adaptation.run_warmup(
                 logdensity_fn,
                 target_acceptance_rate,
@@ -264,6 +270,7 @@ def sample(
                 schedule[first : first + length],
             )
             infos.append(info)
+            bar.update(length, info.acceptance_rate)
         warmup_info = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *infos)
         parameters = _adaptation.parameters(adapt)
         scale = _adaptation._factor(parameters["proposal_cov"])
@@ -273,7 +280,8 @@ def sample(
 
     keys = _adaptation.chain_keys(sampling_key, num_chains)
     chunks = []
-    for first, num_draws in _chunks(num_samples, chunk_size or num_samples):
+    bar.start("sampling", num_samples * thin)
+    for first, num_draws in _chunks(num_samples, chunk_size or bar.chunk_length(num_samples)):
         states, draws = run_sampling(
             logdensity_fn,
             num_draws,
@@ -285,6 +293,8 @@ def sample(
             jnp.asarray(first * thin, jnp.uint32),
         )
         chunks.append(_draws_to_host(*draws))
+        bar.update(num_draws * thin, chunks[-1][1]["acceptance_rate"], chunks[-1][0])
+    bar.close()
     draws, stats = _concatenate_chunks(chunks)
     return SampleResult(
         positions=draws,
