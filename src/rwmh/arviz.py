@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["to_inference_data", "STAT_NAMES"]
+__all__ = ["to_inference_data", "plot_trace", "STAT_NAMES"]
 
 #: Names other samplers (and older rwmh code) give to statistics, mapped to ArviZ's names.
 #: NumPyro's ``potential_energy`` is the negative log density, so it is negated on the way.
@@ -233,3 +233,67 @@ def to_inference_data(
         dims={k: list(v) for k, v in dims.items()} if dims else None,
         attrs=all_attrs,
     )
+
+
+def plot_trace(data, path: str, var_names: Sequence[str] | None = None, title: str = "") -> None:
+    """Write a PNG with, for every scalar component, its posterior and its trace, per chain.
+
+    Drawn with matplotlib (Agg, no window) from the ``posterior`` group rather than with
+    ``arviz.plot_trace``, which ArviZ 1.x replaced by ``plot_trace_dist`` with another return
+    type: the same picture then comes out of both major versions.
+
+    Parameters
+    ----------
+    data
+        ArviZ data with a ``posterior`` group (what :func:`to_inference_data` returns).
+    path
+        The PNG file to write.
+    var_names
+        Variables to plot, default all; a variable with extra dimensions gets one row per
+        component, labelled ``name[i]`` in C order.
+    title
+        A title over the figure.
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile, rwmh
+    >>> from rwmh.arviz import plot_trace
+    >>> idata = rwmh.to_inference_data({"mu": np.random.default_rng(0).normal(size=(2, 100))})
+    >>> path = os.path.join(tempfile.mkdtemp(), "trace.png")
+    >>> plot_trace(idata, path)
+    >>> os.path.getsize(path) > 0
+    True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    posterior = data.posterior
+    names = list(posterior.data_vars) if var_names is None else list(var_names)
+    rows = []
+    for name in names:
+        if name not in posterior.data_vars:
+            raise ValueError(
+                f"var_names: {name!r} is not in the posterior; it has {list(posterior.data_vars)}."
+            )
+        values = np.asarray(posterior[name].values)
+        flat = values.reshape(values.shape[0], values.shape[1], -1)
+        for index in range(flat.shape[-1]):
+            label = name if values.ndim == 2 else f"{name}[{index}]"
+            rows.append((label, flat[:, :, index]))
+    figure = Figure(figsize=(10, 2.4 * len(rows) + 0.4), layout="constrained")
+    axes = figure.subplots(len(rows), 2, squeeze=False)
+    for (label, values), (density, trace) in zip(rows, axes, strict=True):
+        bins = min(40, max(10, values.shape[1] // 30))
+        for chain, chain_values in enumerate(values):
+            colour = f"C{chain % 10}"
+            density.hist(chain_values, bins=bins, density=True, histtype="step", color=colour)
+            trace.plot(chain_values, color=colour, linewidth=0.5, alpha=0.8)
+        density.set_title(f"{label}: posterior, one line per chain")
+        density.set_ylabel("density")
+        trace.set_title(f"{label}: trace")
+        trace.set_xlabel("draw")
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, format="png", dpi=100)

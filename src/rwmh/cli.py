@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-__all__ = ["main", "read_xy", "fit_regression", "InputError"]
+__all__ = ["main", "read_xy", "fit_regression", "InputError", "build_parser"]
 
 #: Variables reported by ``rwmh regress``, in the order of the model.
 REGRESSION_VARIABLES = ("intercept", "slope", "sigma")
@@ -219,38 +219,6 @@ def _summary(idata):
     return az.summary(idata, var_names=list(REGRESSION_VARIABLES), round_to=3)
 
 
-def plot_trace(idata, path: str, title: str = "") -> None:
-    """Write a PNG with, for each variable, its posterior (a histogram per chain) and its trace.
-
-    Drawn with matplotlib directly rather than ``arviz.plot_trace``: ArviZ 1.x replaced that
-    function (``plot_trace_dist``, another return type), and this keeps one picture for both.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: this writes a file and never opens a window
-    from matplotlib.figure import Figure
-
-    posterior = idata.posterior
-    names = [name for name in REGRESSION_VARIABLES if name in posterior.data_vars]
-    figure = Figure(figsize=(10, 2.6 * len(names)), layout="constrained")
-    axes = figure.subplots(len(names), 2, squeeze=False)
-    for row, name in enumerate(names):
-        values = posterior[name].values  # (chain, draw)
-        density, trace = axes[row]
-        bins = min(40, max(10, values.shape[1] // 30))
-        for chain, chain_values in enumerate(values):
-            colour = f"C{chain % 10}"
-            density.hist(chain_values, bins=bins, density=True, histtype="step", color=colour)
-            trace.plot(chain_values, color=colour, linewidth=0.5, alpha=0.8)
-        density.set_title(f"{name}: posterior (one line per chain)")
-        density.set_ylabel("density")
-        trace.set_title(f"{name}: trace")
-        trace.set_xlabel("draw")
-    if title:
-        figure.suptitle(title)
-    figure.savefig(path, format="png", dpi=100)
-
-
 def _check_output(path: str | None, option: str) -> None:
     """Fail before sampling, not after, when an output file cannot be written."""
     if path is None:
@@ -303,7 +271,9 @@ def _regress(args) -> int:
         print(f"wrote {args.out}")
     if args.plot is not None:
         try:
-            plot_trace(idata, args.plot, title=f"rwmh regress ({source})")
+            from rwmh.arviz import plot_trace
+
+            plot_trace(idata, args.plot, REGRESSION_VARIABLES, title=f"rwmh regress ({source})")
         except OSError as error:
             raise InputError(f"--plot {args.plot!r}: cannot write: {error}") from None
         print(f"wrote {args.plot}")
