@@ -167,11 +167,13 @@ class _FakeArviz:
 def test_adapter_uses_the_one_mapping_signature_for_arviz_1(version):
     fake = _FakeArviz(version, has_inference_data=False)
     groups = {"posterior": {"a": draws()}, "sample_stats": {"lp": draws()}}
-    out = rwmh_arviz._from_dict(groups, coords=None, dims=None, attrs={}, arviz_module=fake)
+    attrs = {"inference_library": "rwmh"}
+    out = rwmh_arviz._from_dict(groups, coords=None, dims=None, attrs=attrs, arviz_module=fake)
     assert out == "converted"
     ((args, kwargs),) = fake.calls
     assert args == (groups,)
     assert "posterior" not in kwargs
+    assert kwargs["attrs"]["posterior"]["inference_library"] == "rwmh"
 
 
 def test_adapter_uses_one_keyword_per_group_for_arviz_0():
@@ -200,6 +202,7 @@ def _arviz_1_module():
     )
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_real_arviz_1_path(monkeypatch):
     module = _arviz_1_module()
     monkeypatch.setattr(rwmh_arviz, "_import_arviz", lambda: module)
@@ -211,6 +214,8 @@ def test_real_arviz_1_path(monkeypatch):
     assert isinstance(idata, xr.DataTree)
     assert idata["posterior"]["theta"].dims == ("chain", "draw", "school")
     assert idata["posterior"]["mu"].shape == (CHAINS, DRAWS)
+    assert idata["posterior"].attrs["inference_library"] == "rwmh"
+    assert idata.attrs["inference_library"] == "rwmh"
     assert set(idata["sample_stats"].data_vars) == {
         "acceptance_rate",
         "is_accepted",

@@ -55,8 +55,10 @@ def _from_dict(groups: dict, *, coords, dims, attrs, arviz_module=None):
     """
     az = arviz_module or _import_arviz()
     if arviz_major_version(az) >= 1 or not hasattr(az, "InferenceData"):
-        # ArviZ >= 1 (arviz_base): groups in one mapping, result is an xarray.DataTree.
-        return az.from_dict(groups, coords=coords, dims=dims, attrs=attrs)
+        # ArviZ >= 1 (arviz_base): groups in one mapping, attrs per group ("/" is the root),
+        # result is an xarray.DataTree.
+        group_attrs = {group: dict(attrs) for group in ("/", *groups)}
+        return az.from_dict(groups, coords=coords, dims=dims, attrs=group_attrs)
     # ArviZ 0.x: one keyword per group, result is an arviz.InferenceData; its ``attrs`` only
     # reach the top level, so the groups get theirs through ``<group>_attrs``.
     group_attrs = {f"{group}_attrs": dict(attrs) for group in groups}

@@ -215,8 +215,8 @@ def _summary(idata):
 
     az = _import_arviz()
     if arviz_major_version(az) >= 1:
-        return az.summary(idata, var_names=list(REGRESSION_VARIABLES), ci_kind="hdi", round_to=3)
-    return az.summary(idata, var_names=list(REGRESSION_VARIABLES), round_to=3)
+        return az.summary(idata, var_names=list(REGRESSION_VARIABLES), ci_kind="hdi")
+    return az.summary(idata, var_names=list(REGRESSION_VARIABLES))
 
 
 def _check_output(path: str | None, option: str) -> None:
