@@ -89,7 +89,7 @@ def test_regress_recovers_the_line_from_a_csv(regression_csv, capsys):
 
 
 def test_read_xy_reads_columns_by_name(tmp_path):
-    path = write_csv(tmp_path / "d.csv", "\ufeffy, x\n1, 0\n3, 1\n\n5 ,2\n")
+    path = write_csv(tmp_path / "d.csv", "\ufeffy, x\n1, 0\n3, 1\n\n  \n5 ,2\n")
     x, y = cli.read_xy(path)
     np.testing.assert_array_equal(x, [0.0, 1.0, 2.0])
     np.testing.assert_array_equal(y, [1.0, 3.0, 5.0])
@@ -105,6 +105,7 @@ BAD_CSVS = {
     "too_few_rows": ("x,y\n1,2\n2,3\n", [], "has 2 data row\\(s\\); at least 3"),
     "header_only": ("x,y\n", [], "has 0 data row\\(s\\)"),
     "empty_file": ("", [], "is empty"),
+    "beyond_float32": ("x,y\n1,2\n2,3e39\n3,4\n", [], "column 'y' .* beyond float32 range"),
 }
 
 
@@ -187,3 +188,26 @@ def test_module_entry_point_exits_nonzero_without_traceback(tmp_path):
         f"rwmh regress: error: CSV file {path!r} has 1 data row(s); at least 3 are needed to "
         "fit intercept, slope and sigma"
     ]
+
+
+def test_overflowing_data_is_one_line_not_a_traceback(tmp_path, capsys):
+    # Finite in float32, but the squared residuals overflow: no starting point is finite.
+    path = write_csv(tmp_path / "big.csv", "x,y\n1e30,1\n2e30,2\n3e30,3\n")
+    status, _, err = run_main(["regress", path, *FAST], capsys)
+    assert status == 2
+    assert err.splitlines() == [err.strip()]
+    assert "log density is not finite at any starting point; rescale x and y" in err
+
+
+def test_rhat_warning_matches_the_summary(capsys):
+    # Four draws per chain after no warmup: the chains cannot agree yet.
+    argv = ["regress", "--chains", "2", "--samples", "4", "--warmup", "0", "--no-progress"]
+    status, out, err = run_main(argv, capsys)
+    assert status == 0
+    rhat = {name: float(values[-1]) for name, values in summary_rows(out).items()}
+    high = [name for name in cli.REGRESSION_VARIABLES if not rhat[name] <= cli.RHAT_WARNING]
+    assert high, rhat
+    assert err == (
+        f"rwmh regress: warning: R-hat above 1.01 for {', '.join(high)}: the chains disagree; "
+        "run longer (--warmup, --samples) or rescale the data\n"
+    )

@@ -28,6 +28,13 @@ MIN_ROWS = 3
 #: The built-in data: ``simulate_linear_regression(PRNGKey(SIMULATION_SEED), SIMULATION_SIZE)``.
 SIMULATION_SEED = 0
 SIMULATION_SIZE = 100
+#: Largest float32; JAX's default precision.
+FLOAT32_MAX = 3.4028234663852886e38
+#: ``rwmh regress`` warns when a variable's R-hat is above this (Vehtari et al. 2021).
+RHAT_WARNING = 1.01
+
+
+PROG = "rwmh"
 
 
 class InputError(Exception):
@@ -117,7 +124,11 @@ def read_xy(path: str, x_column: str = "x", y_column: str = "y"):
             )
         columns[name] = header.index(name)
     # Blank lines carry no data; skipping them keeps a trailing newline from being an error.
-    data_rows = [(number, row) for number, row in enumerate(rows[1:], start=2) if any(row)]
+    data_rows = [
+        (number, row)
+        for number, row in enumerate(rows[1:], start=2)
+        if any(cell.strip() for cell in row)
+    ]
     values = {name: [] for name in columns}
     for line, row in data_rows:
         for name, index in columns.items():
@@ -133,6 +144,12 @@ def read_xy(path: str, x_column: str = "x", y_column: str = "y"):
             if not math.isfinite(value):
                 raise InputError(
                     f"column {name!r} in {path!r} has a non-finite value {cell!r} on line {line}"
+                )
+            if abs(value) > FLOAT32_MAX:
+                # JAX computes in float32 by default, where this value would become infinite.
+                raise InputError(
+                    f"column {name!r} in {path!r} has a value beyond float32 range {cell!r} on "
+                    f"line {line}; rescale the column"
                 )
             values[name].append(value)
     if len(data_rows) < MIN_ROWS:
@@ -183,13 +200,21 @@ def fit_regression(
     x, y = jnp.asarray(x, dtype=float), jnp.asarray(y, dtype=float)
     rng_key = jax.random.PRNGKey(seed)
     init_key, sample_key = jax.random.split(rng_key)
-    # A batch of keys gives a batch of initial points, one per chain.
-    init_params, potential_fn, postprocess_fn, _ = initialize_model(
-        jax.random.split(init_key, num_chains),
-        linear_regression,
-        model_args=(x, y),
-        validate_grad=False,  # RWMH never differentiates the potential
-    )
+    try:
+        # A batch of keys gives a batch of initial points, one per chain.
+        init_params, potential_fn, postprocess_fn, _ = initialize_model(
+            jax.random.split(init_key, num_chains),
+            linear_regression,
+            model_args=(x, y),
+            validate_grad=False,  # RWMH never differentiates the potential
+        )
+    except (RuntimeError, ValueError) as error:
+        # NumPyro raises these when no starting point has a finite log density, which with
+        # finite data means values so large that float32 arithmetic overflows.
+        raise InputError(
+            "the model's log density is not finite at any starting point; rescale x and y "
+            f"(NumPyro: {str(error).splitlines()[0]})"
+        ) from None
 
     def logdensity(position):
         return -potential_fn(position)
@@ -261,8 +286,18 @@ def _regress(args) -> int:
     )
     acceptance = float(idata.sample_stats["acceptance_rate"].mean())
     print(f"mean acceptance rate: {acceptance:.3f}")
+    summary = _summary(idata)
     with _pandas_wide():
-        print(_summary(idata).to_string())
+        print(summary.to_string())
+    unconverged = [name for name in summary.index if not summary.loc[name, "r_hat"] <= RHAT_WARNING]
+    if unconverged:
+        # A warning, not an error: the results are printed and saved, but should not be trusted.
+        print(
+            f"{PROG} regress: warning: R-hat above {RHAT_WARNING} for "
+            f"{', '.join(unconverged)}: the chains disagree; run longer (--warmup, --samples) "
+            "or rescale the data",
+            file=sys.stderr,
+        )
     if args.out is not None:
         try:
             idata.to_netcdf(args.out)
@@ -295,7 +330,7 @@ class _pandas_wide:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rwmh`` argument parser, one subcommand per task."""
-    parser = _Parser(prog="rwmh", description="Random-walk Metropolis-Hastings in JAX.")
+    parser = _Parser(prog=PROG, description="Random-walk Metropolis-Hastings in JAX.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     regress = commands.add_parser(
         "regress",
@@ -311,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     regress.add_argument("--y", default="y", metavar="COL", help="response column (default y)")
     regress.add_argument("--chains", type=_count(1), default=4, metavar="N", help="default 4")
     regress.add_argument(
-        "--samples", type=_count(4), default=1000, metavar="N", help="draws per chain (1000)"
+        "--samples", type=_count(4), default=2000, metavar="N", help="draws per chain (2000)"
     )
     regress.add_argument(
         "--warmup", type=_count(0), default=1000, metavar="N", help="warmup steps (1000)"
@@ -344,6 +379,9 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C is an answer, not a crash: no traceback
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
