@@ -183,7 +183,7 @@ class ProgressBar:
     >>> bar = ProgressBar(file=io.StringIO())
     >>> bar.start("sampling", 200)
     >>> bar.update(100, np.full((100, 4), 0.3), np.zeros((100, 4, 2)))
-    >>> bar.mean_acceptance_rate
+    >>> round(bar.mean_acceptance_rate, 3)
     0.3
     >>> bar.close()
     """
