@@ -4,8 +4,9 @@ The bar is shown by pointing ``sys.stderr`` at a pseudo-terminal (what a user's 
 so the measured path is exactly the one users get: the driver cuts each phase into about 20
 chunks, updates tqdm and the split R-hat between them, and compiles one extra chunk shape.
 Both settings are compiled before timing (compilation is cached per log density and shape),
-then timed alternately so that drift on a shared machine hits both alike; the script prints
-the medians and their ratio, and the bar's cost per update.
+then timed in rounds, the order rotated each round, so that drift on a shared machine hits all
+settings alike. It prints the medians, the median ratio within rounds, the same with the bar's
+chunking but no bar (the bar's own cost), and the time measured inside the bar's methods.
 
 Run ``python benchmarks/progress.py`` (``--help`` for the problem size). The target is a
 ``--dim``-dimensional Gaussian with a dense, ill-conditioned covariance.
@@ -82,7 +83,7 @@ class PseudoTerminal:
 
 
 class BarClock:
-    """Adds up the wall time spent inside the bar's methods (its whole host-side cost)."""
+    """Adds up the wall time spent inside the bar's methods: its whole host-side cost."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -96,8 +97,8 @@ class BarClock:
 
     def _timed(self, method):
         def timed(*args, **kwargs):
-            # Wait for the device first: the time the bar spends waiting for a chunk that is
-            # still computing is sampling, not bar.
+            # Wait for the device first, so that only the bar's own work is counted; this
+            # stalls the device, which is why these runs are kept apart from the timed ones.
             jax.block_until_ready((args, kwargs))
             begin = time.perf_counter()
             try:
@@ -136,7 +137,7 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=50)
     parser.add_argument("--chains", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10000, help="warmup and sampling steps")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # Equal phases, so that one chunk_size reproduces the bar's chunking in both.
@@ -150,10 +151,14 @@ def main(argv=None):
         assert sys.stderr.isatty()
         for setting in SETTINGS:  # compile every chunking before timing
             run_once(logdensity, start, args, setting, clock)
+        for round_ in range(args.repeats):
+            # Rotate the order every round so that no setting always runs first or last.
+            shift = round_ % len(SETTINGS)
+            for setting in SETTINGS[shift:] + SETTINGS[:shift]:
+                times[setting].append(run_once(logdensity, start, args, setting, clock))
+        # Measured apart, so that the clock cannot slow the timed runs.
         with clock:
-            for _ in range(args.repeats):
-                for setting in SETTINGS:
-                    times[setting].append(run_once(logdensity, start, args, setting, clock))
+            clocked = [run_once(logdensity, start, args, "on", clock) for _ in range(3)]
     if terminal.received == 0:
         raise SystemExit("the bar wrote nothing to the terminal: the benchmark measured nothing")
 
@@ -162,7 +167,7 @@ def main(argv=None):
         return statistics.median(y / x for x, y in zip(times[a], times[b], strict=True)) - 1
 
     median = {setting: statistics.median(values) for setting, values in times.items()}
-    inside = clock.seconds / args.repeats
+    inside = clock.seconds / len(clocked)
     print(
         f"rwmh.sample, {args.chains} chains x {args.dim}-d Gaussian, {args.warmup} warmup + "
         f"{args.samples} sampling steps, {args.repeats} repeats, interleaved "
@@ -179,7 +184,7 @@ def main(argv=None):
     print(f"bar alone, on vs off with the same chunks:  {paired('off, chunked', 'on'):+.2%}")
     print(
         f"time inside the bar's methods: {inside * 1e3:.1f} ms per run, "
-        f"{inside / median['on']:.2%} of the median run with the bar "
+        f"{inside / statistics.median(clocked):.2%} of the run "
         f"({2 * DEFAULT_UPDATES} updates, {terminal.received} bytes drawn)"
     )
 

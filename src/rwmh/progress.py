@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import jax
 import numpy as np
@@ -46,7 +47,7 @@ __all__ = [
 DEFAULT_UPDATES = 20
 #: Draws per chain and chunk that feed the live R-hat (evenly spaced); bounds the bar's cost.
 RHAT_DRAWS_PER_CHUNK = 100
-#: Seconds between two redraws of the bar at least (tqdm's ``mininterval``).
+#: Seconds between two redraws of the bar at least.
 MIN_REDRAW_INTERVAL = 0.1
 
 
@@ -213,11 +214,11 @@ class ProgressBar:
         self._acceptance_sum = 0.0
         self._acceptance_count = 0
         self._rhat = _RhatTracker()
-        # At most ~10 redraws a second: a terminal write costs about half a millisecond, which
-        # matters when chunks are short; the final state is always drawn by close().
-        self._bar = tqdm(
-            total=total, desc=phase, unit="step", file=self.file, mininterval=MIN_REDRAW_INTERVAL
-        )
+        self._with_rhat = False
+        self._steps_not_shown = 0
+        self._last_redraw = time.monotonic()
+        # The bar redraws when _apply says so (mininterval=0), never on tqdm's own clock.
+        self._bar = tqdm(total=total, desc=phase, unit="step", file=self.file, mininterval=0)
 
     @property
     def mean_acceptance_rate(self) -> float:
@@ -259,16 +260,28 @@ class ProgressBar:
             self._apply(num_steps, acceptance_rate, draws)
 
     def _apply(self, num_steps: int, acceptance_rate, draws) -> None:
-        acceptance_rate = np.asarray(acceptance_rate, dtype=np.float64)
-        self._acceptance_sum += float(acceptance_rate.sum())
+        acceptance_rate = np.asarray(acceptance_rate)
+        self._acceptance_sum += float(acceptance_rate.sum(dtype=np.float64))
         self._acceptance_count += acceptance_rate.size
-        postfix = f"acc={self.mean_acceptance_rate:.3f}"
         if draws is not None:
             self._rhat.add(_flat_draws(draws, RHAT_DRAWS_PER_CHUNK))
+            self._with_rhat = True
+        self._steps_not_shown += num_steps
+        # At most ~10 redraws a second: a terminal write costs about half a millisecond and
+        # R-hat a fraction of one, which adds up when chunks are short. close() draws the end.
+        if time.monotonic() - self._last_redraw >= MIN_REDRAW_INTERVAL:
+            self._redraw()
+
+    def _redraw(self) -> None:
+        if self._bar is None:
+            return
+        postfix = f"acc={self.mean_acceptance_rate:.3f}"
+        if self._with_rhat:
             postfix += f" max_rhat={self.rhat:.3f}"
-        if self._bar is not None:
-            self._bar.set_postfix_str(postfix, refresh=False)
-            self._bar.update(num_steps)
+        self._bar.set_postfix_str(postfix, refresh=False)
+        self._bar.update(self._steps_not_shown)
+        self._steps_not_shown = 0
+        self._last_redraw = time.monotonic()
 
     def close(self) -> None:
         """Close the bar of the current phase, leaving its last line on the terminal."""
@@ -276,6 +289,7 @@ class ProgressBar:
             pending, self._pending = self._pending, None
             self._apply(*pending)
         if self._bar is not None:
+            self._redraw()
             self._bar.close()
             self._bar = None
 
