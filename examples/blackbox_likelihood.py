@@ -88,7 +88,7 @@ def make_logdensity(loglikelihood):
     return logdensity
 
 
-def run(num_chains=4, num_warmup=1000, num_samples=1000, seed=0, plot="blackbox_likelihood.png"):
+def run(num_chains=4, num_warmup=1000, num_samples=2000, seed=0, plot="blackbox_likelihood.png"):
     """Sample the growth model through the numpy likelihood; returns ``(idata, host_calls)``."""
     counts = simulate()
     loglikelihood = NumpyLogLikelihood(counts)
@@ -127,7 +127,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1000)
-    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="blackbox_likelihood.png", help="PNG path ('' for none)")
     args = parser.parse_args(argv)

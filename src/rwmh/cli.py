@@ -165,7 +165,7 @@ def fit_regression(
     y,
     *,
     num_chains: int = 4,
-    num_samples: int = 1000,
+    num_samples: int = 2000,
     num_warmup: int = 1000,
     seed: int = 0,
     progress_bar: bool = True,
@@ -287,8 +287,8 @@ def _regress(args) -> int:
     acceptance = float(idata.sample_stats["acceptance_rate"].mean())
     print(f"mean acceptance rate: {acceptance:.3f}")
     summary = _summary(idata)
-    with _pandas_wide():
-        print(summary.to_string())
+    # Every column on one line, whatever the terminal's width.
+    print(summary.to_string(line_width=None))
     unconverged = [name for name in summary.index if not summary.loc[name, "r_hat"] <= RHAT_WARNING]
     if unconverged:
         # A warning, not an error: the results are printed and saved, but should not be trusted.
@@ -313,19 +313,6 @@ def _regress(args) -> int:
             raise InputError(f"--plot {args.plot!r}: cannot write: {error}") from None
         print(f"wrote {args.plot}")
     return 0
-
-
-class _pandas_wide:
-    """Print every summary column on one line, whatever the terminal width."""
-
-    def __enter__(self):
-        import pandas as pd
-
-        self._context = pd.option_context("display.width", 200, "display.max_columns", 20)
-        self._context.__enter__()
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
