@@ -239,9 +239,14 @@ def _summary(idata):
     from rwmh.arviz import _import_arviz, arviz_major_version
 
     az = _import_arviz()
+    names = list(REGRESSION_VARIABLES)
     if arviz_major_version(az) >= 1:
-        return az.summary(idata, var_names=list(REGRESSION_VARIABLES), ci_kind="hdi")
-    return az.summary(idata, var_names=list(REGRESSION_VARIABLES))
+        # ArviZ 1.x defaults to equal-tailed intervals; ask for the HDI that 0.x prints.
+        try:
+            return az.summary(idata, var_names=names, ci_kind="hdi")
+        except TypeError:  # a 1.x without ci_kind: its default interval is still a summary
+            return az.summary(idata, var_names=names)
+    return az.summary(idata, var_names=names)
 
 
 def _check_output(path: str | None, option: str) -> None:
@@ -289,7 +294,10 @@ def _regress(args) -> int:
     summary = _summary(idata)
     # Every column on one line, whatever the terminal's width.
     print(summary.to_string(line_width=None))
-    unconverged = [name for name in summary.index if not summary.loc[name, "r_hat"] <= RHAT_WARNING]
+    # ArviZ 1.x is not tested here (it needs Python 3.12); a summary without "r_hat" just
+    # means no warning rather than a crash after a finished run.
+    rhat = summary["r_hat"].to_dict() if "r_hat" in summary.columns else {}
+    unconverged = [name for name, value in rhat.items() if not value <= RHAT_WARNING]
     if unconverged:
         # A warning, not an error: the results are printed and saved, but should not be trusted.
         print(
