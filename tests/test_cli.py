@@ -142,10 +142,12 @@ def test_non_utf8_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--chains", "0", "argument --chains: must be an integer >= 1; got 0"),
-        ("--chains", "-3", "argument --chains: must be an integer >= 1; got -3"),
-        ("--chains", "two", "argument --chains: must be an integer >= 1; got 'two'"),
-        ("--chains", "2.5", "argument --chains: must be an integer >= 1; got '2.5'"),
+        ("--chains", "1", "argument --chains: must be an integer >= 2; got 1"),
+        ("--chains", "0", "argument --chains: must be an integer >= 2; got 0"),
+        ("--chains", "-3", "argument --chains: must be an integer >= 2; got -3"),
+        ("--chains", "two", "argument --chains: must be an integer >= 2; got 'two'"),
+        ("--chains", "2.5", "argument --chains: must be an integer >= 2; got '2.5'"),
+        ("--seed", "-1", "argument --seed: must be an integer >= 0; got -1"),
         ("--samples", "0", "argument --samples: must be an integer >= 4; got 0"),
         ("--samples", "many", "argument --samples: must be an integer >= 4; got 'many'"),
         ("--warmup", "-1", "argument --warmup: must be an integer >= 0; got -1"),
@@ -208,6 +210,6 @@ def test_rhat_warning_matches_the_summary(capsys):
     high = [name for name in cli.REGRESSION_VARIABLES if not rhat[name] <= cli.RHAT_WARNING]
     assert high, rhat
     assert err == (
-        f"rwmh regress: warning: R-hat above 1.01 for {', '.join(high)}: the chains disagree; "
-        "run longer (--warmup, --samples) or rescale the data\n"
+        f"rwmh regress: warning: R-hat above 1.01 or undefined for {', '.join(high)}: the "
+        "chains have not mixed; run longer (--warmup, --samples) or rescale the data\n"
     )

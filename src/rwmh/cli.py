@@ -301,9 +301,9 @@ def _regress(args) -> int:
     if unconverged:
         # A warning, not an error: the results are printed and saved, but should not be trusted.
         print(
-            f"{PROG} regress: warning: R-hat above {RHAT_WARNING} for "
-            f"{', '.join(unconverged)}: the chains disagree; run longer (--warmup, --samples) "
-            "or rescale the data",
+            f"{PROG} regress: warning: R-hat above {RHAT_WARNING} or undefined for "
+            f"{', '.join(unconverged)}: the chains have not mixed; run longer (--warmup, "
+            "--samples) or rescale the data",
             file=sys.stderr,
         )
     if args.out is not None:
@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     regress.add_argument("csv", nargs="?", metavar="CSV", help="CSV file with a header row")
     regress.add_argument("--x", default="x", metavar="COL", help="predictor column (default x)")
     regress.add_argument("--y", default="y", metavar="COL", help="response column (default y)")
-    regress.add_argument("--chains", type=_count(1), default=4, metavar="N", help="default 4")
+    regress.add_argument(
+        "--chains", type=_count(2), default=4, metavar="N", help="at least 2, for R-hat (4)"
+    )
     regress.add_argument(
         "--samples", type=_count(4), default=2000, metavar="N", help="draws per chain (2000)"
     )
