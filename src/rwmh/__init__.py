@@ -6,6 +6,7 @@ NumPyro ``MCMCKernel`` and ArviZ output.
 """
 
 from rwmh.adaptation import window_adaptation
+from rwmh.arviz import to_inference_data
 from rwmh.kernel import RWMHInfo, RWMHState, build_kernel, init, random_walk
 from rwmh.sampling import SampleResult, resume, sample
 
@@ -18,6 +19,7 @@ __all__ = [
     "random_walk",
     "resume",
     "sample",
+    "to_inference_data",
     "window_adaptation",
 ]
 

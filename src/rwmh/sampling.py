@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from rwmh import adaptation as _adaptation
 from rwmh import checkpoint as _checkpoint
 from rwmh import kernel as _kernel
+from rwmh import progress as _progress
 
 __all__ = ["SampleResult", "resume", "sample"]
 
@@ -456,8 +457,10 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
     num_warmup, num_samples = settings["num_warmup"], settings["num_samples"]
     chunk_size, thin = settings["chunk_size"], settings["thin"]
     warmup_key, sampling_key = jax.random.split(run.rng_key)
+    bar = _progress.progress_bar(progress_bar)
     try:
         if run.phase == "warmup":
+            bar.start("warmup", num_warmup - run.next_step)
             run_warmup = layout.warmup_fn()
             schedule = _adaptation.build_schedule(num_warmup)
             keys = layout.chain_keys(warmup_key)
@@ -465,7 +468,8 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
             # exactly as the unsharded run computes them.
             chain_mask = layout.chain_mask()
             mask = () if chain_mask is None else (chain_mask,)
-            for first, length in _chunks(num_warmup, chunk_size or num_warmup, run.next_step):
+            warmup_chunk = chunk_size or bar.chunk_length(num_warmup)
+            for first, length in _chunks(num_warmup, warmup_chunk, run.next_step):
                 states, adapt, info = run_warmup(
                     logdensity_fn,
                     settings["target_acceptance_rate"],
@@ -476,7 +480,9 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
                     layout.replicated(schedule[first : first + length]),
                     *mask,
                 )
-                run.store_warmup(layout.to_host(tuple(info), chain_axis=1), first)
+                host_info = layout.to_host(tuple(info), chain_axis=1)
+                run.store_warmup(host_info, first)
+                bar.update(length, host_info[0])
                 run.states, run.adapt, run.next_step = states, adapt, first + length
                 _save(run, layout, checkpoint_path)
             _start_sampling(run)
@@ -484,7 +490,9 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
         run_sampling_chunk = layout.sampling_fn()
         keys = layout.chain_keys(sampling_key)
         step_size, scale = layout.replicated((run.parameters["step_size"], run.scale))
-        for first, num_draws in _chunks(num_samples, chunk_size or num_samples, run.next_step):
+        bar.start("sampling", (num_samples - run.next_step) * thin)
+        sampling_chunk = chunk_size or bar.chunk_length(num_samples)
+        for first, num_draws in _chunks(num_samples, sampling_chunk, run.next_step):
             states, draws = run_sampling_chunk(
                 logdensity_fn,
                 num_draws,
@@ -495,13 +503,17 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
                 scale,
                 layout.replicated(np.asarray(first * thin, np.uint32)),
             )
-            run.store_draws(layout.to_host(draws, chain_axis=1), first)
+            host_draws = layout.to_host(draws, chain_axis=1)
+            run.store_draws(host_draws, first)
+            bar.update(num_draws * thin, host_draws[1]["acceptance_rate"], host_draws[0])
             run.states, run.next_step = states, first + num_draws
             if run.next_step == num_samples:
                 run.phase = "done"
             _save(run, layout, checkpoint_path)
         run.phase = "done"
+        bar.close()
     except KeyboardInterrupt:
+        bar.close()
         warnings.warn(
             f"rwmh.sample was interrupted in {run.phase} at step {run.next_step}; returning the "
             "draws completed so far (result.extra['interrupted'] is True).",
@@ -510,6 +522,7 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
         )
         return run.result(layout, interrupted=True)
     except Exception as error:
+        bar.close()
         try:
             error.partial_result = run.result(layout, interrupted=True)
         except Exception:
@@ -777,7 +790,10 @@ def sample(
     target_acceptance_rate, dense
         Passed to the warmup (see :func:`rwmh.window_adaptation`).
     progress_bar
-        Show progress (when the output is a terminal).
+        Show a tqdm bar per phase with the mean acceptance rate and, while sampling, the
+        largest split R-hat so far, when ``sys.stderr`` is a terminal (see
+        :mod:`rwmh.progress`). It is updated between chunks; with ``chunk_size=None`` each
+        phase is then cut into about 20 chunks.
     chunk_size
         Number of warmup steps, and of stored draws, computed per compiled call before the
         results move to the host; device memory is then bounded by the chunk, not the run.

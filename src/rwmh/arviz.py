@@ -1,0 +1,301 @@
+"""ArviZ output: PyTree draws and sampler statistics as ``InferenceData``.
+
+:func:`to_inference_data` names the leaves of a PyTree of draws (leaves shaped
+``(chain, draw, ...)``), renames sampler statistics to ArviZ's conventions and hands both to
+``arviz.from_dict``. ArviZ changed that function's signature in 1.0 (one mapping of groups,
+returning an ``xarray.DataTree``, instead of one keyword per group, returning an
+``InferenceData``); :func:`_from_dict` is the only place that knows, so everything else here is
+the same for both major versions. ArviZ is imported only when a conversion is made, because
+importing it costs about a second and ``import rwmh`` should not pay that.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["to_inference_data", "plot_trace", "STAT_NAMES"]
+
+#: Names other samplers (and older rwmh code) give to statistics, mapped to ArviZ's names.
+#: NumPyro's ``potential_energy`` is the negative log density, so it is negated on the way.
+STAT_NAMES = {
+    "accept_prob": "acceptance_rate",
+    "mean_accept_prob": "acceptance_rate",
+    "logdensity": "lp",
+    "accepted": "is_accepted",
+}
+_NEGATED_STATS = {"potential_energy": "lp"}
+
+
+def _import_arviz():
+    """Import ArviZ without its 0.2x banner (a ``FutureWarning`` about the 1.0 refactor),
+    which would otherwise be printed in the middle of every command-line run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"arviz(\.|$)")
+        import arviz
+
+    return arviz
+
+
+def arviz_major_version(arviz_module=None) -> int:
+    """The major version of ArviZ (0 or 1), read from ``arviz.__version__``."""
+    arviz_module = arviz_module or _import_arviz()
+    return int(str(arviz_module.__version__).split(".")[0])
+
+
+def _from_dict(groups: dict, *, coords, dims, attrs, arviz_module=None):
+    """Call ``from_dict`` of whichever ArviZ is installed.
+
+    ``arviz_module`` is any module exposing ArviZ's ``from_dict`` and ``__version__`` (``arviz``
+    itself, or ``arviz_base``, which is what ArviZ 1.x re-exports); None imports ``arviz``.
+    """
+    az = arviz_module or _import_arviz()
+    if arviz_major_version(az) >= 1 or not hasattr(az, "InferenceData"):
+        # ArviZ >= 1 (arviz_base): groups in one mapping, attrs per group ("/" is the root),
+        # result is an xarray.DataTree.
+        group_attrs = {group: dict(attrs) for group in ("/", *groups)}
+        return az.from_dict(groups, coords=coords, dims=dims, attrs=group_attrs)
+    # ArviZ 0.x: one keyword per group, result is an arviz.InferenceData; its ``attrs`` only
+    # reach the top level, so the groups get theirs through ``<group>_attrs``.
+    group_attrs = {f"{group}_attrs": dict(attrs) for group in groups}
+    return az.from_dict(**groups, coords=coords, dims=dims, attrs=dict(attrs), **group_attrs)
+
+
+def _key_name(key) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return str(key.name)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def _leaf_names(positions, var_name: str) -> tuple[list[str], list]:
+    """Names and leaves of a PyTree of draws, in ``jax.tree_util`` order.
+
+    A bare array is ``var_name``; dict keys and NamedTuple fields are used as they are, nested
+    ones joined with ``"."``; tuple and list items are numbered, ``f"{var_name}_{i}"`` at the
+    top level and ``f"{parent}_{i}"`` below a named node.
+    """
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(positions)
+    names, leaves = [], []
+    for path, leaf in with_paths:
+        name = ""
+        for key in path:
+            part = _key_name(key)
+            if isinstance(key, jax.tree_util.SequenceKey):
+                name = f"{name or var_name}_{part}"
+            else:
+                name = f"{name}.{part}" if name else part
+        names.append(name or var_name)
+        leaves.append(leaf)
+    return names, leaves
+
+
+def _check_draws(name: str, values: np.ndarray, what: str, sample_shape=None):
+    if values.ndim < 2:
+        raise ValueError(
+            f"{what} {name!r} must have leading (chain, draw) axes; got shape {values.shape}."
+        )
+    if sample_shape is not None and values.shape[:2] != sample_shape:
+        raise ValueError(
+            f"{what} {name!r} has (chain, draw) = {values.shape[:2]}, but the draws have "
+            f"{sample_shape}."
+        )
+
+
+def _posterior_dict(positions, var_name: str, var_names) -> dict[str, np.ndarray]:
+    names, leaves = _leaf_names(positions, var_name)
+    if not leaves:
+        raise ValueError("positions must hold at least one array of draws; got an empty PyTree.")
+    if var_names is not None:
+        if isinstance(var_names, str) or len(var_names) != len(leaves):
+            raise ValueError(
+                f"var_names must be a sequence of {len(leaves)} names, one per leaf of "
+                f"positions; got {var_names!r}."
+            )
+        names = [str(name) for name in var_names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variable names must be unique; got {names}. Pass var_names.")
+    posterior = {}
+    for name, leaf in zip(names, leaves, strict=True):
+        values = np.asarray(leaf)
+        _check_draws(name, values, "positions leaf", None)
+        posterior[name] = values
+    shapes = {values.shape[:2] for values in posterior.values()}
+    if len(shapes) != 1:
+        raise ValueError(
+            "every leaf of positions must share the same (chain, draw) axes; got "
+            + ", ".join(f"{n}: {v.shape[:2]}" for n, v in posterior.items())
+            + "."
+        )
+    return posterior
+
+
+def _sample_stats_dict(stats: Mapping, sample_shape) -> dict[str, np.ndarray]:
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must be a mapping of name to array; got {type(stats).__name__}.")
+    sample_stats = {}
+    for name, value in stats.items():
+        values = np.asarray(value)
+        if name in _NEGATED_STATS:
+            name, values = _NEGATED_STATS[name], -values
+        else:
+            name = STAT_NAMES.get(name, name)
+        if values.ndim == 0:
+            # A constant over the run (the step size after warmup) becomes one per draw,
+            # which is how ArviZ stores it.
+            values = np.broadcast_to(values, sample_shape)
+        _check_draws(name, values, "stats entry", sample_shape)
+        if name in sample_stats:
+            raise ValueError(f"stats holds two entries that both map to ArviZ's {name!r}.")
+        sample_stats[name] = values
+    return sample_stats
+
+
+def to_inference_data(
+    positions,
+    stats: Mapping | None = None,
+    *,
+    var_name: str = "x",
+    var_names: Sequence[str] | None = None,
+    coords: Mapping[str, Any] | None = None,
+    dims: Mapping[str, Sequence[str]] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+):
+    """Convert draws and sampler statistics to ArviZ data.
+
+    Parameters
+    ----------
+    positions
+        The draws, a PyTree (dict, tuple, list, NamedTuple, bare array) whose leaves are shaped
+        ``(chain, draw, ...)``. Dict keys (and NamedTuple fields) become variable names, nested
+        ones joined by ``"."``; a bare array is called ``var_name``; tuple and list items are
+        called ``f"{var_name}_{i}"``.
+    stats
+        Optional mapping of sampler statistics, each ``(chain, draw)`` (or a scalar, repeated
+        for every draw). They go to the ``sample_stats`` group under ArviZ's names: rwmh's
+        ``acceptance_rate``, ``is_accepted``, ``lp`` and ``step_size`` are already those;
+        NumPyro's ``accept_prob`` becomes ``acceptance_rate`` and ``potential_energy`` becomes
+        ``lp`` (negated).
+    var_name
+        Name of a bare array of draws, and the prefix of tuple and list items.
+    var_names
+        Names for the leaves in ``jax.tree_util`` order, replacing the derived ones.
+    coords, dims
+        As in ArviZ: ``dims`` maps a variable name to the names of its dimensions after
+        ``(chain, draw)``; ``coords`` maps a dimension name to its labels. Dimensions not named
+        get ArviZ's defaults (``f"{name}_dim_{i}"``).
+    attrs
+        Extra attributes for every group; ``inference_library`` is set to ``"rwmh"``.
+
+    Returns
+    -------
+    ``arviz.InferenceData`` with ArviZ 0.x, ``xarray.DataTree`` with ArviZ 1.x; both have a
+    ``posterior`` group and, when ``stats`` is given, a ``sample_stats`` group.
+
+    Raises
+    ------
+    ValueError
+        If a leaf lacks the ``(chain, draw)`` axes, leaves disagree on them, names collide, or
+        ``var_names`` does not have one name per leaf.
+
+    Examples
+    --------
+    >>> import numpy as np, rwmh
+    >>> draws = {"mu": np.zeros((4, 100)), "theta": np.zeros((4, 100, 3))}
+    >>> stats = {"acceptance_rate": np.full((4, 100), 0.3), "lp": np.zeros((4, 100))}
+    >>> idata = rwmh.to_inference_data(draws, stats, dims={"theta": ["school"]})
+    >>> idata.posterior["theta"].dims
+    ('chain', 'draw', 'school')
+    >>> sorted(idata.sample_stats.data_vars)
+    ['acceptance_rate', 'lp']
+    """
+    if not isinstance(var_name, str) or not var_name:
+        raise ValueError(f"var_name must be a non-empty string; got {var_name!r}.")
+    posterior = _posterior_dict(positions, var_name, var_names)
+    sample_shape = next(iter(posterior.values())).shape[:2]
+    groups = {"posterior": posterior}
+    if stats is not None:
+        groups["sample_stats"] = _sample_stats_dict(stats, sample_shape)
+    from rwmh import __version__
+
+    all_attrs = {"inference_library": "rwmh", "inference_library_version": __version__}
+    all_attrs.update(attrs or {})
+    return _from_dict(
+        groups,
+        coords=dict(coords) if coords else None,
+        dims={k: list(v) for k, v in dims.items()} if dims else None,
+        attrs=all_attrs,
+    )
+
+
+def plot_trace(data, path: str, var_names: Sequence[str] | None = None, title: str = "") -> None:
+    """Write a PNG with, for every scalar component, its posterior and its trace, per chain.
+
+    Drawn with matplotlib (Agg, no window) from the ``posterior`` group rather than with
+    ``arviz.plot_trace``, which ArviZ 1.x replaced by ``plot_trace_dist`` with another return
+    type: the same picture then comes out of both major versions.
+
+    Parameters
+    ----------
+    data
+        ArviZ data with a ``posterior`` group (what :func:`to_inference_data` returns).
+    path
+        The PNG file to write.
+    var_names
+        Variables to plot, default all; a variable with extra dimensions gets one row per
+        component, labelled ``name[i]`` in C order.
+    title
+        A title over the figure.
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile, rwmh
+    >>> from rwmh.arviz import plot_trace
+    >>> idata = rwmh.to_inference_data({"mu": np.random.default_rng(0).normal(size=(2, 100))})
+    >>> path = os.path.join(tempfile.mkdtemp(), "trace.png")
+    >>> plot_trace(idata, path)
+    >>> os.path.getsize(path) > 0
+    True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    posterior = data.posterior
+    names = list(posterior.data_vars) if var_names is None else list(var_names)
+    rows = []
+    for name in names:
+        if name not in posterior.data_vars:
+            raise ValueError(
+                f"var_names: {name!r} is not in the posterior; it has {list(posterior.data_vars)}."
+            )
+        values = np.asarray(posterior[name].values)
+        flat = values.reshape(values.shape[0], values.shape[1], -1)
+        for index in range(flat.shape[-1]):
+            label = name if values.ndim == 2 else f"{name}[{index}]"
+            rows.append((label, flat[:, :, index]))
+    figure = Figure(figsize=(10, 2.4 * len(rows) + 0.4), layout="constrained")
+    axes = figure.subplots(len(rows), 2, squeeze=False)
+    for (label, values), (density, trace) in zip(rows, axes, strict=True):
+        bins = min(40, max(10, values.shape[1] // 30))
+        for chain, chain_values in enumerate(values):
+            colour = f"C{chain % 10}"
+            density.hist(chain_values, bins=bins, density=True, histtype="step", color=colour)
+            trace.plot(chain_values, color=colour, linewidth=0.5, alpha=0.8)
+        density.set_title(f"{label}: posterior, one line per chain")
+        density.set_ylabel("density")
+        trace.set_title(f"{label}: trace")
+        trace.set_xlabel("draw")
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, format="png", dpi=100)

@@ -1,0 +1,385 @@
+"""The ``rwmh`` command line.
+
+``rwmh regress [CSV] [--x COL --y COL] [--chains N --samples N --warmup N] [--out FILE.nc]
+[--plot FILE.png]`` fits :func:`rwmh.models.linear_regression` with random-walk
+Metropolis-Hastings and prints ArviZ's summary. NumPyro's ``initialize_model`` gives the
+potential on the unconstrained space (``log sigma`` instead of ``sigma``) and the map back, so
+the sampler sees an unbounded target and the output holds ``intercept``, ``slope`` and ``sigma``.
+
+Bad input (a missing file, a missing or non-numeric column, too few rows, a bad count) ends
+with exit status 2 and one line on stderr naming the file, column or option, never a traceback:
+this is a tool for people, and a traceback hides the one thing they need to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+
+__all__ = ["main", "read_xy", "fit_regression", "InputError", "build_parser"]
+
+#: Variables reported by ``rwmh regress``, in the order of the model.
+REGRESSION_VARIABLES = ("intercept", "slope", "sigma")
+#: The regression has three parameters; with fewer points than that the data cannot pin them.
+MIN_ROWS = 3
+#: The built-in data: ``simulate_linear_regression(PRNGKey(SIMULATION_SEED), SIMULATION_SIZE)``.
+SIMULATION_SEED = 0
+SIMULATION_SIZE = 100
+#: Largest float32; JAX's default precision.
+FLOAT32_MAX = 3.4028234663852886e38
+#: ``rwmh regress`` warns when a variable's R-hat is above this (Vehtari et al. 2021).
+RHAT_WARNING = 1.01
+
+
+PROG = "rwmh"
+
+
+class InputError(Exception):
+    """Bad input from the user; its message is one line naming the file, column or option."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage block) on stderr."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``, with a message argparse prefixes with the
+    option's name."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum}; got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
+        return value
+
+    return parse
+
+
+def read_xy(path: str, x_column: str = "x", y_column: str = "y"):
+    """Read two numeric columns of a CSV file with a header row.
+
+    Parameters
+    ----------
+    path
+        The CSV file (comma-separated, UTF-8, first row holds the column names).
+    x_column, y_column
+        Names of the predictor and response columns.
+
+    Returns
+    -------
+    ``(x, y)``, two float64 numpy arrays.
+
+    Raises
+    ------
+    InputError
+        If the file cannot be read, a column is missing, a value is empty, non-numeric or not
+        finite, or there are fewer than ``MIN_ROWS`` rows; the message names the file, the
+        column and the line.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from rwmh.cli import read_xy
+    >>> path = os.path.join(tempfile.mkdtemp(), "d.csv")
+    >>> _ = open(path, "w").write("x,y\\n0,1\\n1,3\\n2,5\\n")
+    >>> read_xy(path)[1]
+    array([1., 3., 5.])
+    """
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise InputError(f"CSV file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"CSV file {path!r} is a directory")
+    try:
+        # utf-8-sig: spreadsheets often start a CSV with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            rows = list(csv.reader(file))
+    except OSError as error:
+        raise InputError(f"cannot read CSV file {path!r}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"CSV file {path!r} is not UTF-8 text") from None
+    except csv.Error as error:
+        raise InputError(f"CSV file {path!r} is not valid CSV: {error}") from None
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise InputError(f"CSV file {path!r} is empty; it needs a header row naming the columns")
+    header = [name.strip() for name in rows[0]]
+    columns = {}
+    for option, name in (("--x", x_column), ("--y", y_column)):
+        if name not in header:
+            raise InputError(
+                f"column {name!r} ({option}) not found in {path!r}; columns are: "
+                + ", ".join(repr(h) for h in header)
+            )
+        columns[name] = header.index(name)
+    # Blank lines carry no data; skipping them keeps a trailing newline from being an error.
+    data_rows = [
+        (number, row)
+        for number, row in enumerate(rows[1:], start=2)
+        if any(cell.strip() for cell in row)
+    ]
+    values = {name: [] for name in columns}
+    for line, row in data_rows:
+        for name, index in columns.items():
+            cell = row[index].strip() if index < len(row) else ""
+            if not cell:
+                raise InputError(f"column {name!r} in {path!r} has an empty value on line {line}")
+            try:
+                value = float(cell)
+            except ValueError:
+                raise InputError(
+                    f"column {name!r} in {path!r} is not numeric: {cell!r} on line {line}"
+                ) from None
+            if not math.isfinite(value):
+                raise InputError(
+                    f"column {name!r} in {path!r} has a non-finite value {cell!r} on line {line}"
+                )
+            if abs(value) > FLOAT32_MAX:
+                # JAX computes in float32 by default, where this value would become infinite.
+                raise InputError(
+                    f"column {name!r} in {path!r} has a value beyond float32 range {cell!r} on "
+                    f"line {line}; rescale the column"
+                )
+            values[name].append(value)
+    if len(data_rows) < MIN_ROWS:
+        raise InputError(
+            f"CSV file {path!r} has {len(data_rows)} data row(s); at least {MIN_ROWS} are "
+            "needed to fit intercept, slope and sigma"
+        )
+    return np.asarray(values[x_column]), np.asarray(values[y_column])
+
+
+def fit_regression(
+    x,
+    y,
+    *,
+    num_chains: int = 4,
+    num_samples: int = 2000,
+    num_warmup: int = 1000,
+    seed: int = 0,
+    progress_bar: bool = True,
+):
+    """Fit :func:`rwmh.models.linear_regression` to ``(x, y)`` with :func:`rwmh.sample`.
+
+    The chains start from NumPyro's ``init_to_uniform`` (uniform on ``(-2, 2)`` in the
+    unconstrained space), one draw per chain, so they start apart as R-hat needs.
+
+    Returns
+    -------
+    ArviZ data whose ``posterior`` holds ``intercept``, ``slope`` and ``sigma`` (constrained,
+    ``sigma > 0``) and whose ``sample_stats`` holds the sampler's statistics.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rwmh.cli import fit_regression
+    >>> x = np.linspace(-1, 1, 20); y = 1 + 2 * x
+    >>> idata = fit_regression(x, y, num_chains=2, num_samples=100, num_warmup=100,
+    ...                        progress_bar=False)
+    >>> idata.posterior["sigma"].shape
+    (2, 100)
+    """
+    import jax
+    import jax.numpy as jnp
+    from numpyro.infer.util import initialize_model
+
+    import rwmh
+    from rwmh.models import linear_regression
+
+    x, y = jnp.asarray(x, dtype=float), jnp.asarray(y, dtype=float)
+    rng_key = jax.random.PRNGKey(seed)
+    init_key, sample_key = jax.random.split(rng_key)
+    try:
+        # A batch of keys gives a batch of initial points, one per chain.
+        init_params, potential_fn, postprocess_fn, _ = initialize_model(
+            jax.random.split(init_key, num_chains),
+            linear_regression,
+            model_args=(x, y),
+            validate_grad=False,  # RWMH never differentiates the potential
+        )
+    except (RuntimeError, ValueError) as error:
+        # NumPyro raises these when no starting point has a finite log density, which with
+        # finite data means values so large that float32 arithmetic overflows.
+        raise InputError(
+            "the model's log density is not finite at any starting point; rescale x and y "
+            f"(NumPyro: {str(error).splitlines()[0]})"
+        ) from None
+
+    def logdensity(position):
+        return -potential_fn(position)
+
+    result = rwmh.sample(
+        sample_key,
+        logdensity,
+        init_params.z,
+        num_samples=num_samples,
+        num_warmup=num_warmup,
+        progress_bar=progress_bar,
+    )
+    constrained = jax.vmap(jax.vmap(postprocess_fn))(result.positions)
+    constrained = {name: constrained[name] for name in REGRESSION_VARIABLES}
+    stats = dict(result.stats)
+    stats["step_size"] = result.parameters["step_size"]
+    return rwmh.to_inference_data(constrained, stats)
+
+
+def _summary(idata):
+    """ArviZ's summary (mean, sd, HDI, MCSE, ESS, R-hat) as a data frame, for ArviZ 0.x or 1.x."""
+    from rwmh.arviz import _import_arviz, arviz_major_version
+
+    az = _import_arviz()
+    names = list(REGRESSION_VARIABLES)
+    if arviz_major_version(az) >= 1:
+        # ArviZ 1.x defaults to equal-tailed intervals; ask for the HDI that 0.x prints.
+        try:
+            return az.summary(idata, var_names=names, ci_kind="hdi")
+        except TypeError:  # a 1.x without ci_kind: its default interval is still a summary
+            return az.summary(idata, var_names=names)
+    return az.summary(idata, var_names=names)
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """Fail before sampling, not after, when an output file cannot be written."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"{option} {path!r} is a directory")
+    if not os.path.isdir(directory):
+        raise InputError(f"{option} {path!r}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"{option} {path!r}: directory {directory!r} is not writable")
+
+
+def _regress(args) -> int:
+    _check_output(args.out, "--out")
+    _check_output(args.plot, "--plot")
+    if args.csv is None:
+        import jax
+
+        from rwmh.models import simulate_linear_regression
+
+        x, y = simulate_linear_regression(jax.random.PRNGKey(SIMULATION_SEED), SIMULATION_SIZE)
+        source = (
+            f"built-in data: {SIMULATION_SIZE} points simulated with intercept=1, slope=2, "
+            "sigma=0.5"
+        )
+    else:
+        x, y = read_xy(args.csv, args.x, args.y)
+        source = f"{args.csv}: {len(x)} rows, x={args.x!r}, y={args.y!r}"
+    print(f"rwmh regress: {source}")
+    print(f"RWMH: {args.chains} chains, {args.warmup} warmup steps, {args.samples} draws per chain")
+    idata = fit_regression(
+        x,
+        y,
+        num_chains=args.chains,
+        num_samples=args.samples,
+        num_warmup=args.warmup,
+        seed=args.seed,
+        progress_bar=not args.no_progress,
+    )
+    acceptance = float(idata.sample_stats["acceptance_rate"].mean())
+    print(f"mean acceptance rate: {acceptance:.3f}")
+    summary = _summary(idata)
+    # Every column on one line, whatever the terminal's width.
+    print(summary.to_string(line_width=None))
+    # ArviZ 1.x is not tested here (it needs Python 3.12); a summary without "r_hat" just
+    # means no warning rather than a crash after a finished run.
+    rhat = summary["r_hat"].to_dict() if "r_hat" in summary.columns else {}
+    unconverged = [name for name, value in rhat.items() if not value <= RHAT_WARNING]
+    if unconverged:
+        # A warning, not an error: the results are printed and saved, but should not be trusted.
+        print(
+            f"{PROG} regress: warning: R-hat above {RHAT_WARNING} or undefined for "
+            f"{', '.join(unconverged)}: the chains have not mixed; run longer (--warmup, "
+            "--samples) or rescale the data",
+            file=sys.stderr,
+        )
+    if args.out is not None:
+        try:
+            idata.to_netcdf(args.out)
+        except OSError as error:
+            raise InputError(f"--out {args.out!r}: cannot write: {error}") from None
+        print(f"wrote {args.out}")
+    if args.plot is not None:
+        try:
+            from rwmh.arviz import plot_trace
+
+            plot_trace(idata, args.plot, REGRESSION_VARIABLES, title=f"rwmh regress ({source})")
+        except OSError as error:
+            raise InputError(f"--plot {args.plot!r}: cannot write: {error}") from None
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rwmh`` argument parser, one subcommand per task."""
+    parser = _Parser(prog=PROG, description="Random-walk Metropolis-Hastings in JAX.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    regress = commands.add_parser(
+        "regress",
+        help="fit a Bayesian linear regression y ~ Normal(intercept + slope x, sigma)",
+        description=(
+            "Fit y ~ Normal(intercept + slope * x, sigma) with random-walk Metropolis-Hastings "
+            "and print ArviZ's summary (mean, sd, HDI, R-hat, ESS). Without CSV, uses "
+            f"{SIMULATION_SIZE} simulated points (intercept 1, slope 2, sigma 0.5)."
+        ),
+    )
+    regress.add_argument("csv", nargs="?", metavar="CSV", help="CSV file with a header row")
+    regress.add_argument("--x", default="x", metavar="COL", help="predictor column (default x)")
+    regress.add_argument("--y", default="y", metavar="COL", help="response column (default y)")
+    regress.add_argument(
+        "--chains", type=_count(2), default=4, metavar="N", help="at least 2, for R-hat (4)"
+    )
+    regress.add_argument(
+        "--samples", type=_count(4), default=2000, metavar="N", help="draws per chain (2000)"
+    )
+    regress.add_argument(
+        "--warmup", type=_count(0), default=1000, metavar="N", help="warmup steps (1000)"
+    )
+    regress.add_argument("--seed", type=_count(0), default=0, metavar="N", help="default 0")
+    regress.add_argument("--out", metavar="FILE.nc", help="write the ArviZ data as netCDF")
+    regress.add_argument("--plot", metavar="FILE.png", help="write trace and posterior plots")
+    regress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    regress.set_defaults(run=_regress)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the ``rwmh`` command line; returns the exit status.
+
+    Examples
+    --------
+    >>> from rwmh.cli import main
+    >>> main(["regress", "--chains", "2", "--samples", "100", "--warmup", "100",
+    ...       "--no-progress"])  # doctest: +SKIP
+    0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors and --help; argparse has printed the line
+        return int(exit_.code or 0)
+    try:
+        return args.run(args)
+    except InputError as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C is an answer, not a crash: no traceback
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

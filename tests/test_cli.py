@@ -1,0 +1,215 @@
+"""Tests of the ``rwmh`` command line (rwmh.cli)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwmh import cli
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+# Small runs: the statistics are not under test here, the plumbing is.
+FAST = ["--chains", "2", "--samples", "60", "--warmup", "60", "--no-progress"]
+
+
+def write_csv(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def regression_csv(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    y = -1.0 + 0.5 * x + 0.3 * rng.normal(size=40)
+    lines = ["height,weight,other"] + [f"{a},{b},label" for a, b in zip(x, y, strict=True)]
+    return write_csv(tmp_path_factory.mktemp("data") / "data.csv", "\n".join(lines) + "\n")
+
+
+def run_main(argv, capsys):
+    status = cli.main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def summary_rows(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        words = line.split()
+        if words and words[0] in cli.REGRESSION_VARIABLES:
+            rows[words[0]] = words[1:]
+    return rows
+
+
+def test_regress_builtin_prints_the_summary(capsys):
+    status, out, err = run_main(["regress", *FAST], capsys)
+    assert status == 0, err
+    header = next(line for line in out.splitlines() if "mean" in line and "r_hat" in line)
+    for column in ("mean", "sd", "hdi_3%", "hdi_97%", "ess_bulk", "ess_tail", "r_hat"):
+        assert column in header.split()
+    rows = summary_rows(out)
+    assert set(rows) == {"intercept", "slope", "sigma"}
+    assert all(len(values) == len(header.split()) for values in rows.values())
+    assert float(rows["sigma"][0]) > 0
+
+
+def test_regress_csv_writes_netcdf_and_png(regression_csv, tmp_path, capsys):
+    import arviz as az
+
+    out_nc, out_png = tmp_path / "fit.nc", tmp_path / "fit.png"
+    argv = ["regress", regression_csv, "--x", "height", "--y", "weight", *FAST]
+    status, out, err = run_main([*argv, "--out", str(out_nc), "--plot", str(out_png)], capsys)
+    assert status == 0, err
+    idata = az.from_netcdf(out_nc)
+    assert set(idata.posterior.data_vars) == {"intercept", "slope", "sigma"}
+    assert idata.posterior["slope"].shape == (2, 60)
+    assert (idata.posterior["sigma"].values > 0).all()
+    assert {"acceptance_rate", "lp", "is_accepted", "step_size"} <= set(
+        idata.sample_stats.data_vars
+    )
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {out_nc}" in out and f"wrote {out_png}" in out
+
+
+def test_regress_recovers_the_line_from_a_csv(regression_csv, capsys):
+    # 40 points from intercept -1, slope 0.5, sigma 0.3: the posterior means land close.
+    argv = ["regress", regression_csv, "--x", "height", "--y", "weight", "--no-progress"]
+    status, out, err = run_main([*argv, "--samples", "400", "--warmup", "400"], capsys)
+    assert status == 0, err
+    rows = summary_rows(out)
+    assert float(rows["intercept"][0]) == pytest.approx(-1.0, abs=0.2)
+    assert float(rows["slope"][0]) == pytest.approx(0.5, abs=0.2)
+    assert float(rows["sigma"][0]) == pytest.approx(0.3, abs=0.15)
+
+
+def test_read_xy_reads_columns_by_name(tmp_path):
+    path = write_csv(tmp_path / "d.csv", "\ufeffy, x\n1, 0\n3, 1\n\n  \n5 ,2\n")
+    x, y = cli.read_xy(path)
+    np.testing.assert_array_equal(x, [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(y, [1.0, 3.0, 5.0])
+
+
+BAD_CSVS = {
+    "non_numeric": ("x,y\n1,2\n2,abc\n3,4\n", [], "column 'y' .* not numeric: 'abc' on line 3"),
+    "empty_cell": ("x,y\n1,2\n,3\n3,4\n", [], "column 'x' .* empty value on line 3"),
+    "short_row": ("x,y\n1,2\n2\n3,4\n", [], "column 'y' .* empty value on line 3"),
+    "infinite": ("x,y\n1,2\n2,inf\n3,4\n", [], "column 'y' .* non-finite value 'inf'"),
+    "missing_x": ("a,y\n1,2\n2,3\n3,4\n", [], "column 'x' \\(--x\\) not found .* 'a', 'y'"),
+    "missing_named": ("x,y\n1,2\n2,3\n3,4\n", ["--y", "w"], "column 'w' \\(--y\\) not found"),
+    "too_few_rows": ("x,y\n1,2\n2,3\n", [], "has 2 data row\\(s\\); at least 3"),
+    "header_only": ("x,y\n", [], "has 0 data row\\(s\\)"),
+    "empty_file": ("", [], "is empty"),
+    "beyond_float32": ("x,y\n1,2\n2,3e39\n3,4\n", [], "column 'y' .* beyond float32 range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CSVS))
+def test_bad_csv_is_one_line_naming_the_problem(case, tmp_path, capsys):
+    text, extra, pattern = BAD_CSVS[case]
+    path = write_csv(tmp_path / f"{case}.csv", text)
+    status, out, err = run_main(["regress", path, *extra, *FAST], capsys)
+    assert status == 2
+    assert out == ""  # failed before sampling or printing anything
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rwmh regress: error: ")
+    assert path in lines[0] or case.startswith("missing")
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_missing_file_and_directory(tmp_path, capsys):
+    missing = str(tmp_path / "nope.csv")
+    status, _, err = run_main(["regress", missing], capsys)
+    assert status == 2
+    assert err == f"rwmh regress: error: CSV file {missing!r} does not exist\n"
+    status, _, err = run_main(["regress", str(tmp_path)], capsys)
+    assert status == 2 and err.count("\n") == 1 and "is a directory" in err
+
+
+def test_non_utf8_file(tmp_path, capsys):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"x,y\n1,\xe9\n")
+    status, _, err = run_main(["regress", str(path)], capsys)
+    assert status == 2 and err.count("\n") == 1 and "not UTF-8" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--chains", "1", "argument --chains: must be an integer >= 2; got 1"),
+        ("--chains", "0", "argument --chains: must be an integer >= 2; got 0"),
+        ("--chains", "-3", "argument --chains: must be an integer >= 2; got -3"),
+        ("--chains", "two", "argument --chains: must be an integer >= 2; got 'two'"),
+        ("--chains", "2.5", "argument --chains: must be an integer >= 2; got '2.5'"),
+        ("--seed", "-1", "argument --seed: must be an integer >= 0; got -1"),
+        ("--samples", "0", "argument --samples: must be an integer >= 4; got 0"),
+        ("--samples", "many", "argument --samples: must be an integer >= 4; got 'many'"),
+        ("--warmup", "-1", "argument --warmup: must be an integer >= 0; got -1"),
+    ],
+)
+def test_bad_counts_name_the_option(option, value, message, capsys):
+    status, out, err = run_main(["regress", f"{option}={value}"], capsys)
+    assert status == 2
+    assert err == f"rwmh regress: error: {message}\n"
+
+
+def test_bad_output_paths_fail_before_sampling(tmp_path, capsys):
+    nowhere = str(tmp_path / "missing_dir" / "fit.nc")
+    status, out, err = run_main(["regress", "--out", nowhere], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith(f"rwmh regress: error: --out {nowhere!r}: directory")
+    status, out, err = run_main(["regress", "--plot", str(tmp_path)], capsys)
+    assert status == 2 and out == "" and "--plot" in err and "is a directory" in err
+
+
+def test_missing_subcommand_and_unknown_option(capsys):
+    status, _, err = run_main([], capsys)
+    assert status == 2 and err.count("\n") == 1 and "COMMAND" in err
+    status, _, err = run_main(["regress", "--chainz", "3"], capsys)
+    assert status == 2 and err.count("\n") == 1 and "--chainz" in err
+
+
+def test_module_entry_point_exits_nonzero_without_traceback(tmp_path):
+    path = write_csv(tmp_path / "d.csv", "x,y\n1,2\n")
+    env = dict(os.environ, PYTHONPATH=SRC)
+    done = subprocess.run(
+        [sys.executable, "-m", "rwmh.cli", "regress", path],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"rwmh regress: error: CSV file {path!r} has 1 data row(s); at least 3 are needed to "
+        "fit intercept, slope and sigma"
+    ]
+
+
+def test_overflowing_data_is_one_line_not_a_traceback(tmp_path, capsys):
+    # Finite in float32, but the squared residuals overflow: no starting point is finite.
+    path = write_csv(tmp_path / "big.csv", "x,y\n1e30,1\n2e30,2\n3e30,3\n")
+    status, _, err = run_main(["regress", path, *FAST], capsys)
+    assert status == 2
+    assert err.splitlines() == [err.strip()]
+    assert "log density is not finite at any starting point; rescale x and y" in err
+
+
+def test_rhat_warning_matches_the_summary(capsys):
+    # Four draws per chain after no warmup: the chains cannot agree yet.
+    argv = ["regress", "--chains", "2", "--samples", "4", "--warmup", "0", "--no-progress"]
+    status, out, err = run_main(argv, capsys)
+    assert status == 0
+    rhat = {name: float(values[-1]) for name, values in summary_rows(out).items()}
+    high = [name for name in cli.REGRESSION_VARIABLES if not rhat[name] <= cli.RHAT_WARNING]
+    assert high, rhat
+    assert err == (
+        f"rwmh regress: warning: R-hat above 1.01 or undefined for {', '.join(high)}: the "
+        "chains have not mixed; run longer (--warmup, --samples) or rescale the data\n"
+    )
