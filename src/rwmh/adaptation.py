@@ -91,11 +91,14 @@ class AdaptationState(NamedTuple):
     count
         Steps since the step-size recursion last restarted.
     weight
-        Total weight of the pooled draws of the current slow window.
+        Total weight of the pooled draws of the current slow window (one per chain and step).
     mean
         Weighted mean of those draws, ``(d,)``.
     m2
         Weighted sum of squared deviations, ``(d,)`` (diagonal) or ``(d, d)`` (dense).
+    previous_weight, previous_mean, previous_m2
+        The same statistics for the slow window before the current one. Estimates made inside
+        a window merge the two, so that they never rest on fewer draws than a whole window.
     """
 
     step_size: Array
@@ -106,6 +109,9 @@ class AdaptationState(NamedTuple):
     weight: Array
     mean: Array
     m2: Array
+    previous_weight: Array
+    previous_mean: Array
+    previous_m2: Array
 
 
 class AdaptationInfo(NamedTuple):
@@ -143,16 +149,39 @@ def initial_step_size(dimension: int) -> float:
 
 
 def build_schedule(
-    num_steps: int, initial_buffer: int = 75, first_window: int = 25, final_buffer: int = 50
+    num_steps: int,
+    initial_buffer: int = 75,
+    first_window: int = 25,
+    final_buffer: int = 50,
+    refresh_interval: int = 25,
 ) -> np.ndarray:
-    """Stan's warmup windows as a ``(num_steps, 2)`` boolean array.
+    """Stan's warmup windows as a ``(num_steps, 3)`` boolean array.
 
     Column 0 says whether the step belongs to a slow window (covariance estimation); column 1
-    marks the last step of each slow window, where the covariance is updated. With fewer than
-    20 steps only the step size adapts; when the default buffers do not fit, they become 15%
-    and 10% of the steps, as in Stan.
+    marks the last step of each slow window, where the covariance is updated and the step
+    size restarts; column 2 marks the steps, every ``refresh_interval`` steps into a window,
+    where the covariance is re-estimated before the window ends. With fewer than 20 steps
+    only the step size adapts; when the default buffers do not fit, they become 15% and 10%
+    of the steps, as in Stan.
+
+    Parameters
+    ----------
+    num_steps
+        Number of warmup steps.
+    initial_buffer, first_window, final_buffer
+        Stan's ``init_buffer``, ``window`` and ``term_buffer``.
+    refresh_interval
+        Steps between covariance refreshes inside a window (0 disables them).
+
+    Examples
+    --------
+    >>> from rwmh.adaptation import build_schedule
+    >>> schedule = build_schedule(1000)
+    >>> [int(i) + 1 for i in schedule[:, 1].nonzero()[0]]
+    [100, 150, 250, 450, 950]
     """
-    schedule = np.zeros((num_steps, 2), dtype=bool)
+    _check_num_steps(num_steps)
+    schedule = np.zeros((num_steps, 3), dtype=bool)
     if num_steps < 20:
         return schedule
     if initial_buffer + first_window + final_buffer > num_steps:
@@ -168,6 +197,8 @@ def build_schedule(
             end = slow_end
         schedule[start:end, 0] = True
         schedule[end - 1, 1] = True
+        if refresh_interval > 0:
+            schedule[start + refresh_interval - 1 : end - 1 : refresh_interval, 2] = True
         start, size = end, 2 * size
     return schedule
 
@@ -201,39 +232,54 @@ def init(
         weight=jnp.zeros((), dtype),
         mean=jnp.zeros(dimension, dtype),
         m2=jnp.zeros_like(proposal_cov),
+        previous_weight=jnp.zeros((), dtype),
+        previous_mean=jnp.zeros(dimension, dtype),
+        previous_m2=jnp.zeros_like(proposal_cov),
     )
 
 
+def _merge(weight_a, mean_a, m2_a, weight_b, mean_b, m2_b):
+    """Merge two sets of weighted moments (Chan, Golub & LeVeque 1979); either may be empty."""
+    total = weight_a + weight_b
+    # An empty pair must merge to the other set, not to NaN.
+    fraction = jnp.where(total > 0, weight_b / jnp.where(total > 0, total, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + fraction * delta
+    correction = weight_a * fraction
+    if m2_a.ndim == 2:
+        m2 = m2_a + m2_b + correction * jnp.outer(delta, delta)
+    else:
+        m2 = m2_a + m2_b + correction * delta * delta
+    return total, mean, m2
+
+
 def _accumulate(state: AdaptationState, points: Array, weights: Array) -> AdaptationState:
-    """Merge weighted points ``(n, d)`` into the window's mean and m2 (Chan et al. 1979)."""
+    """Merge weighted points ``(n, d)`` into the current window's moments."""
     batch_weight = jnp.sum(weights)
-    batch_mean = weights @ points / batch_weight
+    batch_mean = weights @ points / jnp.where(batch_weight > 0, batch_weight, 1.0)
     centred = points - batch_mean
-    dense = state.m2.ndim == 2
-    if dense:
+    if state.m2.ndim == 2:
         batch_m2 = (centred * weights[:, None]).T @ centred
     else:
         batch_m2 = weights @ (centred * centred)
-    total = state.weight + batch_weight
-    delta = batch_mean - state.mean
-    fraction = batch_weight / total
-    mean = state.mean + fraction * delta
-    correction = state.weight * fraction
-    if dense:
-        m2 = state.m2 + batch_m2 + correction * jnp.outer(delta, delta)
-    else:
-        m2 = state.m2 + batch_m2 + correction * delta * delta
-    return state._replace(weight=total, mean=mean, m2=m2)
+    weight, mean, m2 = _merge(
+        state.weight, state.mean, state.m2, batch_weight, batch_mean, batch_m2
+    )
+    return state._replace(weight=weight, mean=mean, m2=m2)
 
 
-def _regularised_covariance(state: AdaptationState, num_points: Array) -> Array:
-    """The window's covariance shrunk toward its diagonal, ``w S + (1 - w) 1e-3 diag(S)``."""
-    covariance = state.m2 / state.weight
-    w = num_points / (num_points + 5.0)
+def _regularised_covariance(m2: Array, weight: Array) -> Array:
+    """The pooled covariance shrunk toward its diagonal, ``w S + (1 - w) 1e-3 diag(S)``.
+
+    ``weight`` counts chain-steps (each contributes weight one), so the shrinkage vanishes as
+    draws accumulate; it is Stan's regulariser made scale-free, so that it does not distort
+    parameters on tiny scales.
+    """
+    covariance = m2 / weight
+    w = weight / (weight + 5.0)
     if covariance.ndim == 1:
         return w * covariance + (1.0 - w) * 1e-3 * covariance
-    variances = jnp.diag(covariance)
-    return w * covariance + (1.0 - w) * 1e-3 * jnp.diag(variances)
+    return w * covariance + (1.0 - w) * 1e-3 * jnp.diag(jnp.diag(covariance))
 
 
 def _factor(covariance: Array) -> Array:
@@ -245,27 +291,58 @@ def _factor(covariance: Array) -> Array:
     return sd[:, None] * jnp.linalg.cholesky(correlation)
 
 
-def _end_window(state: AdaptationState, num_points: Array, dimension: int) -> AdaptationState:
-    covariance = _regularised_covariance(state, num_points)
+def _refresh(state: AdaptationState, window_end: Array, dimension: int) -> AdaptationState:
+    """New proposal covariance from the current and the previous window's pooled draws.
+
+    Inside a window (``window_end`` False) the covariance improves as draws come in, so that
+    the chains mix better for the rest of the window (as in Haario et al. 2001); the step
+    size keeps its value and its recursion restarts. At a window end the step size also
+    restarts from ``2.38 / sqrt(d)`` and the current window becomes the previous one.
+    """
+    # The previous window's draws fade out as the current window's accumulate: they fill in
+    # for a window that has only just begun, but they were made with a worse proposal and
+    # possibly before the chains converged, so once the current window holds as many draws
+    # they no longer count. With doubling windows, an estimate at a window end therefore rests
+    # on that window alone, as in Stan.
+    has_previous = state.previous_weight > 0
+    fade = jnp.clip(
+        1.0 - state.weight / jnp.where(has_previous, state.previous_weight, 1.0), 0.0, 1.0
+    )
+    fade = jnp.where(has_previous, fade, 0.0)
+    weight, _, m2 = _merge(
+        fade * state.previous_weight,
+        state.previous_mean,
+        fade * state.previous_m2,
+        state.weight,
+        state.mean,
+        state.m2,
+    )
+    covariance = _regularised_covariance(m2, weight)
     variances = covariance if covariance.ndim == 1 else jnp.diag(covariance)
     scale = _factor(covariance)
-    # A window in which the chains did not move at all carries no information about the
-    # target's shape: keep the previous covariance rather than factor a singular matrix.
-    usable = jnp.all(jnp.isfinite(scale)) & jnp.all(variances > 0)
+    # Chains that did not move at all carry no information about the target's shape (and a
+    # singular estimate cannot be factored): keep the previous covariance then.
+    usable = jnp.all(jnp.isfinite(scale)) & jnp.all(variances > 0) & (weight > 0)
     covariance = jnp.where(usable, covariance, state.proposal_cov)
     scale = jnp.where(usable, scale, state.scale)
-    step_size = jnp.where(
-        usable, jnp.asarray(initial_step_size(dimension), state.step_size.dtype), state.step_size
-    )
+    restart = jnp.asarray(initial_step_size(dimension), state.step_size.dtype)
+    step_size = jnp.where(usable & window_end, restart, state.step_size)
+
+    def rotate(current, previous):
+        return jnp.where(window_end, current, previous)
+
     return state._replace(
         proposal_cov=covariance,
         scale=scale,
         step_size=step_size,
         log_step_size_avg=jnp.log(step_size),
         count=jnp.zeros_like(state.count),
-        weight=jnp.zeros_like(state.weight),
-        mean=jnp.zeros_like(state.mean),
-        m2=jnp.zeros_like(state.m2),
+        weight=jnp.where(window_end, 0.0, state.weight).astype(state.weight.dtype),
+        mean=jnp.where(window_end, 0.0, state.mean).astype(state.mean.dtype),
+        m2=jnp.where(window_end, 0.0, state.m2).astype(state.m2.dtype),
+        previous_weight=rotate(state.weight, state.previous_weight),
+        previous_mean=rotate(state.mean, state.previous_mean),
+        previous_m2=rotate(state.m2, state.previous_m2),
     )
 
 
@@ -284,16 +361,28 @@ def update(
     state
         The adaptation state.
     schedule_row
-        ``(in_slow_window, window_end)`` for this step, a row of :func:`build_schedule`.
+        A row of :func:`build_schedule`: ``(in_slow_window, window_end, refresh)``. A row of
+        two entries (no ``refresh``) is accepted and never refreshes inside a window.
     flat_positions, flat_proposals
-        ``(num_chains, d)`` flattened positions before the step and the proposals made.
+        ``(num_chains, d)`` flattened positions before the step and the proposals made; a
+        single chain may also pass ``(d,)``.
     acceptance_rates
-        ``(num_chains,)`` acceptance probabilities of those proposals.
+        ``(num_chains,)`` acceptance probabilities of those proposals (or a scalar for one
+        chain).
     target_acceptance_rate
         The acceptance rate the step size is tuned toward.
+
+    Returns
+    -------
+    The updated :class:`AdaptationState`.
     """
     dtype = state.step_size.dtype
+    flat_positions = jnp.atleast_2d(flat_positions)
+    flat_proposals = jnp.atleast_2d(flat_proposals)
+    acceptance_rates = jnp.atleast_1d(acceptance_rates)
+    schedule_row = jnp.asarray(schedule_row)
     in_slow_window, window_end = schedule_row[0], schedule_row[1]
+    refresh = schedule_row[2] if schedule_row.shape[0] > 2 else jnp.zeros((), bool)
     dimension = flat_positions.shape[-1]
     acceptance_rates = jnp.where(jnp.isfinite(acceptance_rates), acceptance_rates, 0.0)
 
@@ -309,20 +398,23 @@ def update(
         average_weight * log_step_size + (1.0 - average_weight) * state.log_step_size_avg
     )
     new_state = state._replace(
-        step_size=jnp.exp(log_step_size), log_step_size_avg=log_step_size_avg, count=count
+        step_size=jnp.exp(log_step_size).astype(dtype),
+        log_step_size_avg=log_step_size_avg.astype(dtype),
+        count=count,
     )
 
-    # Covariance: Rao-Blackwellised pooled draws while inside a slow window.
+    # Covariance: Rao-Blackwellised pooled draws while inside a slow window. The next state
+    # is the proposal with probability a and the current point otherwise, so weighting both
+    # by those probabilities gives the conditional expectation of each statistic.
     points = jnp.concatenate([flat_positions, flat_proposals]).astype(dtype)
     weights = jnp.concatenate([1.0 - acceptance_rates, acceptance_rates]).astype(dtype)
     accumulated = _accumulate(new_state, points, weights)
     new_state = jax.tree_util.tree_map(
         lambda a, b: jnp.where(in_slow_window, a, b), accumulated, new_state
     )
-    # Each chain-step adds total weight one, so the weight counts the pooled draws.
     return jax.lax.cond(
-        window_end,
-        lambda s: _end_window(s, s.weight, dimension),
+        in_slow_window & (window_end | refresh),
+        lambda s: _refresh(s, window_end, dimension),
         lambda s: s,
         new_state,
     )
