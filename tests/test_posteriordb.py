@@ -89,10 +89,9 @@ def _build(name, data):
         logdensity = _regression(X, np.log(data["earn"]), _flat, _flat)
         return logdensity, [f"beta[{i}]" for i in range(1, 5)] + ["sigma"]
     if name == "mesquite-logmesquite_logvolume":
-        volume = np.log(
-            np.asarray(data["diam1"]) * np.asarray(data["diam2"]) * np.asarray(data["canopy_height"])
-        )
-        X = np.column_stack([ones, volume])
+        diam1, diam2 = np.asarray(data["diam1"]), np.asarray(data["diam2"])
+        log_canopy_volume = np.log(diam1 * diam2 * np.asarray(data["canopy_height"]))
+        X = np.column_stack([ones, log_canopy_volume])
         logdensity = _regression(X, np.log(data["weight"]), _flat, _flat)
         return logdensity, ["beta[1]", "beta[2]", "sigma"]
     if name == "mesquite-logmesquite":
