@@ -74,6 +74,11 @@ Array = jax.Array
 _GAIN_EXPONENT = 0.6
 #: Exponent of the weights that average the step-size iterates (Stan's kappa).
 _AVERAGE_EXPONENT = 0.75
+#: The previous window's draws stop counting once the current window holds this many times as
+#: many (see :func:`_refresh`).
+_FADE_RATIO = 2.0
+#: Steps between covariance refreshes inside a window.
+_REFRESH_INTERVAL = 25
 
 
 class AdaptationState(NamedTuple):
@@ -153,7 +158,7 @@ def build_schedule(
     initial_buffer: int = 75,
     first_window: int = 25,
     final_buffer: int = 50,
-    refresh_interval: int = 25,
+    refresh_interval: int = _REFRESH_INTERVAL,
 ) -> np.ndarray:
     """Stan's warmup windows as a ``(num_steps, 3)`` boolean array.
 
@@ -301,12 +306,14 @@ def _refresh(state: AdaptationState, window_end: Array, dimension: int) -> Adapt
     """
     # The previous window's draws fade out as the current window's accumulate: they fill in
     # for a window that has only just begun, but they were made with a worse proposal and
-    # possibly before the chains converged, so once the current window holds as many draws
-    # they no longer count. With doubling windows, an estimate at a window end therefore rests
+    # possibly before the chains converged, so once the current window holds twice as many
+    # draws they no longer count. With doubling windows an estimate at a window end thus rests
     # on that window alone, as in Stan.
     has_previous = state.previous_weight > 0
     fade = jnp.clip(
-        1.0 - state.weight / jnp.where(has_previous, state.previous_weight, 1.0), 0.0, 1.0
+        1.0 - state.weight / (_FADE_RATIO * jnp.where(has_previous, state.previous_weight, 1.0)),
+        0.0,
+        1.0,
     )
     fade = jnp.where(has_previous, fade, 0.0)
     weight, _, m2 = _merge(
