@@ -538,6 +538,13 @@ def chain_keys(rng_key, num_chains: int) -> Array:
                 "rng_key must be a typed key (jax.random.key) or a legacy PRNGKey of shape (2,) "
                 f"and dtype uint32; got shape {rng_key.shape} and dtype {rng_key.dtype}."
             )
+    return _fold_in_chains(rng_key, int(num_chains))
+
+
+@partial(jax.jit, static_argnames=("num_chains",))
+def _fold_in_chains(rng_key, num_chains: int) -> Array:
+    # Compiled: run op by op, the vmapped fold_in would compile each primitive on first use,
+    # which costs more than the whole warmup on small problems.
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         rng_key, jnp.arange(num_chains, dtype=jnp.uint32)
     )
@@ -545,11 +552,31 @@ def chain_keys(rng_key, num_chains: int) -> Array:
 
 def initial_state(logdensity_fn, positions, step_size=None, proposal_cov=None, dense=True):
     """Batched chain states and a fresh :class:`AdaptationState` for ``positions``."""
-    states = init_states(logdensity_fn, positions)
+    if proposal_cov is not None:
+        # Validate outside jit, where the values are concrete.
+        _kernel.proposal_scale(proposal_cov, flat_dimension(positions))
+    return _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense)
+
+
+@partial(jax.jit, static_argnames=("logdensity_fn", "dense"))
+def _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense):
+    states = jax.vmap(lambda p: _kernel.init(p, logdensity_fn))(positions)
     flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
     dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
     adapt = init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
     return states, adapt
+
+
+def flat_dimension(positions) -> int:
+    """Length of one chain's flattened position, from the shapes alone (no computation)."""
+    return sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(positions))
+
+
+@jax.jit
+def sampling_parameters(state: AdaptationState):
+    """``(parameters(state), factor of its proposal_cov)``, in one compiled call, for sampling."""
+    adapted = parameters(state)
+    return adapted, _factor(adapted["proposal_cov"])
 
 
 @partial(jax.jit, static_argnames=("logdensity_fn",))
@@ -619,8 +646,8 @@ def window_adaptation(
         states, adapt = initial_state(
             logdensity_fn, positions, initial_step_size, initial_proposal_cov, dense
         )
-        schedule = jnp.asarray(build_schedule(num_steps))
-        step_indices = jnp.arange(num_steps, dtype=jnp.uint32)
+        schedule = build_schedule(num_steps)
+        step_indices = np.arange(num_steps, dtype=np.uint32)
         keys = chain_keys(rng_key, num_chains)
         states, adapt, info = run_warmup(
             logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule

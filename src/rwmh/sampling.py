@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from rwmh import adaptation as _adaptation
 from rwmh import kernel as _kernel
@@ -240,9 +239,9 @@ def sample(
             raise ValueError(f"step_size must be a positive finite scalar; got {step_size!r}.")
     num_chains = _check_positions(initial_positions)
     positions = jax.tree_util.tree_map(jnp.asarray, initial_positions)
-    flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
+    dimension = _adaptation.flat_dimension(positions)
     if proposal_cov is not None:
-        _kernel.proposal_scale(proposal_cov, flat_one.shape[0])
+        _kernel.proposal_scale(proposal_cov, dimension)
 
     warmup_key, sampling_key = jax.random.split(rng_key)
     states, adapt = _adaptation.initial_state(
@@ -250,7 +249,8 @@ def sample(
     )
     warmup_info = None
     if num_warmup > 0:
-        schedule = jnp.asarray(_adaptation.build_schedule(num_warmup))
+        # Host arrays: slicing them costs no compilation.
+        schedule = _adaptation.build_schedule(num_warmup)
         keys = _adaptation.chain_keys(warmup_key, num_chains)
         infos = []
         for first, length in _chunks(num_warmup, chunk_size or num_warmup):
@@ -260,16 +260,19 @@ def sample(
                 keys,
                 states,
                 adapt,
-                jnp.arange(first, first + length, dtype=jnp.uint32),
+                np.arange(first, first + length, dtype=np.uint32),
                 schedule[first : first + length],
             )
             infos.append(info)
-        warmup_info = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *infos)
-        parameters = _adaptation.parameters(adapt)
-        scale = _adaptation._factor(parameters["proposal_cov"])
+        warmup_info = (
+            infos[0]
+            if len(infos) == 1
+            else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *infos)
+        )
+        parameters, scale = _adaptation.sampling_parameters(adapt)
     else:
         parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
-        scale = _kernel.proposal_scale(proposal_cov, flat_one.shape[0])
+        scale = _kernel.proposal_scale(proposal_cov, dimension)
 
     keys = _adaptation.chain_keys(sampling_key, num_chains)
     chunks = []
