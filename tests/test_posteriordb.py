@@ -35,7 +35,7 @@ pytestmark = [
 ]
 
 NUM_CHAINS = 8
-NUM_SAMPLES = 2500
+NUM_SAMPLES = 4000
 
 
 def _normal_logpdf(x, loc, scale):

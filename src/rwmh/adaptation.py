@@ -10,19 +10,25 @@ parameters"), carried over to random-walk Metropolis and to many chains at once:
   chains pooled together. Each step contributes the Rao-Blackwellised pair ``(x, 1 - a)`` and
   ``(x', a)`` (current point and proposal weighted by the acceptance probability ``a``),
   which is the conditional expectation of the next state and lowers the estimator's variance.
-  At the end of a window the proposal covariance becomes the pooled estimate, shrunk toward its
-  own diagonal while draws are few, ``w S + (1 - w) 1e-3 diag(S)`` with ``w = n / (n + 5)``
-  (Stan's regulariser, made scale-free so that it does not distort parameters on tiny
-  scales), and the step size restarts from ``2.38 / sqrt(d)`` (Roberts, Gelman & Gilks 1997).
+  Every 25 steps inside a window the proposal covariance is re-estimated (as in the adaptive
+  Metropolis of Haario et al. 2001), so that the chains mix well long before the window ends;
+  these estimates merge in the previous window's draws, which fade out linearly as the
+  current window fills and no longer count once it holds twice as many, so that an estimate
+  at a window end rests on that window alone, as in Stan, and transient draws from before
+  the chains converged do not leak into the final covariance. At the end of a window the
+  proposal covariance becomes the pooled estimate, shrunk toward its own diagonal while
+  draws are few, ``w S + (1 - w) 1e-3 diag(S)`` with ``w = n / (n + 5)`` (Stan's
+  regulariser, made scale-free so that it does not distort parameters on tiny scales), and
+  the step size restarts from ``2.38 / sqrt(d)`` (Roberts, Gelman & Gilks 1997).
 * A final fast phase (default 50 steps) where only the step size adapts.
 
 The step size follows a Robbins-Monro recursion on its logarithm (Andrieu & Thoms 2008),
 ``log s <- log s + (t + 1)^(-0.6) (abar - target)``, where ``abar`` is the mean acceptance
-probability over all chains, and ``t`` restarts with each window. The value used after warmup
-is the weighted average of the iterates (weights ``t^(-0.75)``, as Stan's dual averaging
-does), which removes the recursion's noise. The default target acceptance rate depends on the
-dimension: 0.44 in one dimension falling to 0.234 as ``d`` grows (Gelman, Roberts & Gilks 1996;
-Roberts, Gelman & Gilks 1997): ``0.234 + 0.206 exp(-(d - 1) / 2)``.
+probability over all chains, and ``t`` restarts with each window and each refresh. The value
+used after warmup is the weighted average of the iterates (weights ``t^(-0.75)``, as Stan's
+dual averaging does), which removes the recursion's noise. The default target acceptance rate
+depends on the dimension: 0.44 in one dimension falling to 0.234 as ``d`` grows (Gelman,
+Roberts & Gilks 1996; Roberts, Gelman & Gilks 1997): ``0.234 + 0.206 exp(-(d - 1) / 2)``.
 
 Adaptation stops at the end of warmup: the parameters returned are fixed, so that sampling
 afterwards is a valid (time-homogeneous) Markov chain.
@@ -34,6 +40,9 @@ Andrieu, C. and Thoms, J. (2008). A tutorial on adaptive MCMC. Statistics and Co
 
 Gelman, A., Roberts, G. O. and Gilks, W. R. (1996). Efficient Metropolis jumping rules.
 Bayesian Statistics 5, 599-607.
+
+Haario, H., Saksman, E. and Tamminen, J. (2001). An adaptive Metropolis algorithm.
+Bernoulli 7, 223-242.
 
 Roberts, G. O., Gelman, A. and Gilks, W. R. (1997). Weak convergence and optimal scaling of
 random walk Metropolis algorithms. Annals of Applied Probability 7, 110-120.
