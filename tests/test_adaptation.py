@@ -198,11 +198,13 @@ def test_warmup_compiles_once():
     assert adaptation.run_warmup._cache_size() == size
     # Other window lengths, same number of steps: still no new compilation.
     states, adapt = adaptation.initial_state(rotated_logdensity, initial)
-    other = jnp.asarray(adaptation.build_schedule(300, initial_buffer=20, first_window=60))
+    other = adaptation.build_schedule(300, initial_buffer=20, first_window=60)
     keys = adaptation.chain_keys(jax.random.key(2), 4)
-    adaptation.run_warmup(
-        rotated_logdensity, None, keys, states, adapt, jnp.arange(300, dtype=jnp.uint32), other
-    )
+    steps = np.arange(300, dtype=np.uint32)
+    adaptation.run_warmup(rotated_logdensity, None, keys, states, adapt, steps, other)
+    assert adaptation.run_warmup._cache_size() == size
+    # And through rwmh.sample, whose warmup is the same compiled function.
+    rwmh.sample(jax.random.key(3), rotated_logdensity, initial, 10, 300, progress_bar=False)
     assert adaptation.run_warmup._cache_size() == size
 
 
