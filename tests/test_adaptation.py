@@ -168,12 +168,39 @@ def test_update_with_one_chain_and_under_vmap():
     )
 
 
+def test_stranded_chains_restart_from_others():
+    """A chain far below the others' median log density (or at a non-finite one) restarts from
+    the state of a chain in the bulk; chains in the bulk are left alone."""
+    logdensity = jnp.asarray([0.0, -1.0, -2.0, -1000.0, jnp.nan, -3.0])
+    positions = jnp.arange(6.0)[:, None] * jnp.ones((6, 2))
+    states = rwmh.RWMHState(positions, logdensity)
+    keys = adaptation.chain_keys(jax.random.key(0), 6)
+    restarted = adaptation._restart_stragglers(states, keys, 2)
+    position, restarted_logdensity = np.asarray(restarted.position), restarted.logdensity
+    bulk = [0, 1, 2, 5]
+    np.testing.assert_array_equal(position[bulk], np.asarray(positions)[bulk])
+    for chain in (3, 4):
+        donor = int(position[chain, 0])
+        assert donor in bulk
+        # The whole state moves: position and its log density together.
+        assert float(restarted_logdensity[chain]) == float(logdensity[donor])
+    # One chain, or all chains non-finite: nothing to restart from.
+    single = rwmh.RWMHState(positions[:1], jnp.asarray([-5.0]))
+    np.testing.assert_array_equal(
+        adaptation._restart_stragglers(single, keys[:1], 2).position, single.position
+    )
+    lost = rwmh.RWMHState(positions[:2], jnp.asarray([-jnp.inf, jnp.nan]))
+    np.testing.assert_array_equal(
+        adaptation._restart_stragglers(lost, keys[:2], 2).position, positions[:2]
+    )
+
+
 # --- the schedule and the compiled loop -----------------------------------------------------
 
 
 def test_schedule_windows():
     schedule = adaptation.build_schedule(1000)
-    assert schedule.shape == (1000, 3)
+    assert schedule.shape == (1000, 4)
     ends = list(np.flatnonzero(schedule[:, 1]) + 1)
     assert ends == [100, 150, 250, 450, 950]
     assert not schedule[:75].any() and not schedule[950:].any()
@@ -185,7 +212,9 @@ def test_schedule_windows():
     # Short warmups: buffers scale down, very short ones adapt only the step size.
     assert adaptation.build_schedule(100)[:, 0].sum() == 100 - 15 - 10
     assert not adaptation.build_schedule(19).any()
-    assert adaptation.build_schedule(0).shape == (0, 3)
+    assert adaptation.build_schedule(0).shape == (0, 4)
+    # Stranded chains restart at every window end but the last.
+    assert list(np.flatnonzero(schedule[:, 3]) + 1) == [100, 150, 250, 450]
 
 
 def test_warmup_compiles_once():

@@ -142,9 +142,15 @@ def _sample(name, seed=0):
     return result, az.from_dict(posterior=posterior), reference
 
 
-@pytest.mark.parametrize("name", POSTERIORS)
-def test_matches_reference(name):
-    result, idata, reference = _sample(name)
+# Seed 1 on kidiq-kidscore_momiq starts one chain where sigma runs off to about 700 with the
+# coefficients far from the fit; tuned on the other chains, its proposals are too small for it
+# to come back within the warmup unless warmup restarts stranded chains (R-hat was 2.1).
+CASES = [(name, 0) for name in POSTERIORS] + [("kidiq-kidscore_momiq", 1)]
+
+
+@pytest.mark.parametrize("name, seed", CASES)
+def test_matches_reference(name, seed):
+    result, idata, reference = _sample(name, seed)
     mean_mcse = az.mcse(idata, method="mean")
     rhat = az.rhat(idata)
     lines = []
@@ -162,8 +168,9 @@ def test_matches_reference(name):
         )
         if abs(z) > 5 or abs(sd_error) > 0.10 or not r_hat < 1.02:
             failures.append(parameter)
-    report = f"{name} (acceptance {np.mean(result.stats['acceptance_rate']):.3f}):\n  " + (
-        "\n  ".join(lines)
+    report = (
+        f"{name}, seed {seed} (acceptance {np.mean(result.stats['acceptance_rate']):.3f}):\n  "
+        + ("\n  ".join(lines))
     )
     print(report)
     assert not failures, report

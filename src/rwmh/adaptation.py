@@ -169,12 +169,14 @@ def build_schedule(
     final_buffer: int = 50,
     refresh_interval: int = _REFRESH_INTERVAL,
 ) -> np.ndarray:
-    """Stan's warmup windows as a ``(num_steps, 3)`` boolean array.
+    """Stan's warmup windows as a ``(num_steps, 4)`` boolean array.
 
     Column 0 says whether the step belongs to a slow window (covariance estimation); column 1
     marks the last step of each slow window, where the covariance is updated and the step
     size restarts; column 2 marks the steps, every ``refresh_interval`` steps into a window,
-    where the covariance is re-estimated before the window ends. With fewer than 20 steps
+    where the covariance is re-estimated before the window ends; column 3 marks the window
+    ends (all but the last) where chains stranded far from the others restart from another
+    chain's state. With fewer than 20 steps
     only the step size adapts; when the default buffers do not fit, they become 15% and 10%
     of the steps, as in Stan.
 
@@ -195,7 +197,7 @@ def build_schedule(
     [100, 150, 250, 450, 950]
     """
     _check_num_steps(num_steps)
-    schedule = np.zeros((num_steps, 3), dtype=bool)
+    schedule = np.zeros((num_steps, 4), dtype=bool)
     if num_steps < 20:
         return schedule
     if initial_buffer + first_window + final_buffer > num_steps:
@@ -211,6 +213,8 @@ def build_schedule(
             end = slow_end
         schedule[start:end, 0] = True
         schedule[end - 1, 1] = True
+        # Stranded chains restart at every window end but the last (see _restart_stragglers).
+        schedule[end - 1, 3] = end < slow_end
         if refresh_interval > 0:
             schedule[start + refresh_interval - 1 : end - 1 : refresh_interval, 2] = True
         start, size = end, 2 * size
@@ -377,8 +381,9 @@ def update(
     state
         The adaptation state.
     schedule_row
-        A row of :func:`build_schedule`: ``(in_slow_window, window_end, refresh)``. A row of
-        two entries (no ``refresh``) is accepted and never refreshes inside a window.
+        A row of :func:`build_schedule`: ``(in_slow_window, window_end, refresh, ...)``. A
+        row of two entries (no ``refresh``) is accepted and never refreshes inside a window.
+        Column 3 (restart stranded chains) concerns the chain states, not this function.
     flat_positions, flat_proposals
         ``(num_chains, d)`` flattened positions before the step and the proposals made; a
         single chain may also pass ``(d,)``.
@@ -483,6 +488,46 @@ def _chain_count(positions) -> int:
     return sizes.pop()
 
 
+def straggler_threshold(dimension: int) -> float:
+    """How far below the chains' median log density a chain must be to count as stranded.
+
+    Draws from a roughly Gaussian posterior in ``d`` dimensions have log densities spread
+    with sd ``sqrt(d / 2)`` (half a chi-squared), so ``20 + 5 sqrt(d)`` is more than seven of
+    those sds for any ``d``: a chain in the typical set is never that far below the median.
+    """
+    return 20.0 + 5.0 * math.sqrt(dimension)
+
+
+def _restart_stragglers(states: _kernel.RWMHState, keys: Array, dimension: int):
+    """Move chains stranded far below the others onto the states of randomly chosen others.
+
+    With proposals tuned on the pooled draws, a chain that started in a far corner of a
+    narrow posterior (say a huge ``sigma`` with the coefficients far off) can stay there for
+    the whole warmup, moving by steps fit for the bulk of the posterior; it would also keep
+    inflating the pooled covariance. Warmup draws are discarded, so such a chain may start
+    again anywhere: it restarts from the state of a chain drawn uniformly among those within
+    :func:`straggler_threshold` of the median log density (or with a non-finite one, never).
+    Only done at the ends of all but the last slow window, so every chain has the last slow
+    window and the final buffer to move away from its donor before sampling.
+    """
+    logdensity = states.logdensity
+    finite = jnp.isfinite(logdensity)
+    median = jnp.nanmedian(jnp.where(finite, logdensity, jnp.nan))
+    good = finite & (logdensity >= median - straggler_threshold(dimension))
+    num_good = jnp.sum(good)
+    probabilities = good / jnp.maximum(num_good, 1)
+    donor_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    num_chains = logdensity.shape[0]
+    donors = jax.vmap(lambda k: jax.random.choice(k, num_chains, p=probabilities))(donor_keys)
+    restart = ~good & (num_good > 0)
+
+    def pick(x):
+        mask = restart.reshape((num_chains,) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x[donors], x)
+
+    return jax.tree_util.tree_map(pick, states)
+
+
 def warmup_loop(
     logdensity_fn: Callable,
     target_acceptance_rate: float | None,
@@ -520,6 +565,13 @@ def warmup_loop(
             info.acceptance_rate,
             target_acceptance_rate,
         )
+        if row.shape[0] > 3:
+            new_states = jax.lax.cond(
+                row[3],
+                lambda s: _restart_stragglers(s, keys, dimension),
+                lambda s: s,
+                new_states,
+            )
         return (new_states, adapt_next), AdaptationInfo(info.acceptance_rate, adapt.step_size)
 
     (states, adaptation_state), info = jax.lax.scan(
