@@ -66,10 +66,8 @@ def main():
             spread, acceptance = run(num_chains, seed)
             worst[num_chains] = max(worst.get(num_chains, 0.0), spread)
             print(f"{num_chains:6d} {seed:4d} {spread:7.2f} {acceptance:7.3f}", flush=True)
-    print(
-        "worst spread per chain count (acceptance line: < 4):",
-        {k: round(v, 2) for k, v in worst.items()},
-    )
+    summary = ", ".join(f"{k} chains {v:.2f}" for k, v in worst.items())
+    print(f"worst spread (acceptance line: < 4): {summary}")
 
 
 if __name__ == "__main__":
