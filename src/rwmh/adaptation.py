@@ -498,28 +498,33 @@ def straggler_threshold(dimension: int) -> float:
     return 20.0 + 5.0 * math.sqrt(dimension)
 
 
-def _restart_stragglers(states: _kernel.RWMHState, keys: Array, dimension: int):
+def _restart_stragglers(states: _kernel.RWMHState, dimension: int, enabled=True):
     """Move chains stranded far below the others onto the states of randomly chosen others.
 
     With proposals tuned on the pooled draws, a chain that started in a far corner of a
     narrow posterior (say a huge ``sigma`` with the coefficients far off) can stay there for
     the whole warmup, moving by steps fit for the bulk of the posterior; it would also keep
     inflating the pooled covariance. Warmup draws are discarded, so such a chain may start
-    again anywhere: it restarts from the state of a chain drawn uniformly among those within
-    :func:`straggler_threshold` of the median log density (or with a non-finite one, never).
+    again anywhere: it restarts from the state of one of the chains within
+    :func:`straggler_threshold` of the median log density (a chain with a non-finite log
+    density always restarts; one that is within the threshold never does).
     Only done at the ends of all but the last slow window, so every chain has the last slow
     window and the final buffer to move away from its donor before sampling.
     """
     logdensity = states.logdensity
-    finite = jnp.isfinite(logdensity)
-    median = jnp.nanmedian(jnp.where(finite, logdensity, jnp.nan))
-    good = finite & (logdensity >= median - straggler_threshold(dimension))
-    num_good = jnp.sum(good)
-    probabilities = good / jnp.maximum(num_good, 1)
-    donor_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     num_chains = logdensity.shape[0]
-    donors = jax.vmap(lambda k: jax.random.choice(k, num_chains, p=probabilities))(donor_keys)
-    restart = ~good & (num_good > 0)
+    finite = jnp.isfinite(logdensity)
+    # Non-finite values count as -inf, so that they sit at the bottom of the median.
+    median = jnp.median(jnp.where(finite, logdensity, -jnp.inf))
+    good = finite & (logdensity >= median - straggler_threshold(dimension))
+    # Chain c restarts from the (c mod n_good)-th good chain, which spreads the restarted
+    # chains over the donors without spending random numbers (compiling another threefry
+    # hash costs more than all the rest of this function).
+    num_good = jnp.sum(good)
+    rank = jnp.cumsum(good) - 1
+    wanted = jnp.arange(num_chains) % jnp.maximum(num_good, 1)
+    donors = jnp.argmax(good[None, :] & (rank[None, :] == wanted[:, None]), axis=1)
+    restart = enabled & ~good & (num_good > 0)
 
     def pick(x):
         mask = restart.reshape((num_chains,) + (1,) * (x.ndim - 1))
@@ -566,12 +571,9 @@ def warmup_loop(
             target_acceptance_rate,
         )
         if row.shape[0] > 3:
-            new_states = jax.lax.cond(
-                row[3],
-                lambda s: _restart_stragglers(s, keys, dimension),
-                lambda s: s,
-                new_states,
-            )
+            # A select rather than a cond: the work is a few comparisons per chain, and a
+            # second branch in the loop costs more to compile than it saves at run time.
+            new_states = _restart_stragglers(new_states, dimension, enabled=row[3])
         return (new_states, adapt_next), AdaptationInfo(info.acceptance_rate, adapt.step_size)
 
     (states, adaptation_state), info = jax.lax.scan(
@@ -633,11 +635,13 @@ def flat_dimension(positions) -> int:
     return sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(positions))
 
 
-@jax.jit
 def sampling_parameters(state: AdaptationState):
-    """``(parameters(state), factor of its proposal_cov)``, in one compiled call, for sampling."""
-    adapted = parameters(state)
-    return adapted, _factor(adapted["proposal_cov"])
+    """``(parameters(state), factor of its proposal_cov)`` for sampling.
+
+    The state keeps the factor of its covariance up to date (``state.scale``), so nothing is
+    factored (or compiled) again here.
+    """
+    return parameters(state), state.scale
 
 
 @partial(jax.jit, static_argnames=("logdensity_fn",))
