@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -441,8 +440,7 @@ class _Run:
 def _start_sampling(run: _Run) -> None:
     """Fix the parameters at the end of warmup (or take the given ones without warmup)."""
     if run.settings["num_warmup"] > 0:
-        run.parameters = _adaptation.parameters(run.adapt)
-        run.scale = _adaptation._factor(run.parameters["proposal_cov"])
+        run.parameters, run.scale = _adaptation.sampling_parameters(run.adapt)
     run.phase, run.next_step = "sampling", 0
 
 
@@ -849,9 +847,9 @@ def sample(
         checkpoint = _checkpoint.check_path(checkpoint)
         _checkpoint.encode_tree(initial_positions)
     positions = jax.tree_util.tree_map(jnp.asarray, initial_positions)
-    flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
+    dimension = _adaptation.flat_dimension(positions)
     if proposal_cov is not None:
-        _kernel.proposal_scale(proposal_cov, flat_one.shape[0])
+        _kernel.proposal_scale(proposal_cov, dimension)
 
     layout = _Layout(mesh, num_chains)
     if mesh is not None:
@@ -873,6 +871,6 @@ def sample(
     run = _Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
     if num_warmup == 0:
         run.parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
-        run.scale = _kernel.proposal_scale(proposal_cov, flat_one.shape[0])
+        run.scale = _kernel.proposal_scale(proposal_cov, dimension)
         run.phase = "sampling"
     return _drive(run, logdensity_fn, layout, checkpoint, progress_bar)

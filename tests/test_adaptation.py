@@ -1,0 +1,304 @@
+"""Tests of the pooled window adaptation (``rwmh.adaptation``) and of warmup in ``rwmh.sample``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rwmh
+from rwmh import adaptation
+
+DIMENSION = 10
+
+
+def _rotated_gaussian(seed: int = 0, dimension: int = DIMENSION):
+    """Covariance with eigenvalues log-spaced from 1e-2 to 1e2 in a random rotation."""
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.normal(size=(dimension, dimension)))
+    covariance = (rotation * np.logspace(-2, 2, dimension)) @ rotation.T
+    return covariance
+
+
+COVARIANCE = _rotated_gaussian()
+PRECISION = jnp.asarray(np.linalg.inv(COVARIANCE), jnp.float32)
+
+
+def rotated_logdensity(x):
+    # A module-level function, so that every test reuses the same compiled warmup.
+    return -0.5 * x @ PRECISION @ x
+
+
+def _relative_spread(matrix, covariance):
+    """max / min eigenvalue of ``Sigma^{-1/2} A Sigma^{-1/2}``: 1 when A is a multiple of Sigma."""
+    values, vectors = np.linalg.eigh(covariance)
+    inverse_root = (vectors / np.sqrt(values)) @ vectors.T
+    eigenvalues = np.linalg.eigvalsh(inverse_root @ matrix @ inverse_root)
+    return eigenvalues.max() / eigenvalues.min()
+
+
+# --- the estimator on an ill-conditioned Gaussian ------------------------------------------
+
+
+@pytest.mark.parametrize("num_chains", [4, 8])
+def test_adapted_proposal_matches_target_shape(num_chains):
+    """``step_size**2 * proposal_cov`` is close to a multiple of the target covariance (spread
+    below 4, against 1e4 for the identity) and sampling then accepts 15-50% of proposals."""
+    key = jax.random.key(0)
+    initial = jax.random.uniform(jax.random.key(1), (num_chains, DIMENSION), minval=-2, maxval=2)
+    result = rwmh.sample(key, rotated_logdensity, initial, num_samples=500, progress_bar=False)
+    step_size = float(result.parameters["step_size"])
+    adapted = step_size**2 * np.asarray(result.parameters["proposal_cov"], float)
+    assert _relative_spread(adapted, COVARIANCE) < 4.0
+    acceptance = float(np.mean(result.stats["acceptance_rate"]))
+    assert 0.15 < acceptance < 0.5
+
+
+def test_diagonal_adaptation_learns_the_variances():
+    """``dense=False`` adapts a vector of variances; on a diagonal target with variances from
+    1e-2 to 1e2 they come out proportional to the true ones (ratio spread below 2)."""
+    variances = np.logspace(-2, 2, 6)
+    inverse = jnp.asarray(1.0 / variances, jnp.float32)
+
+    def logdensity(x):
+        return -0.5 * jnp.sum(x * x * inverse)
+
+    warmup = rwmh.window_adaptation(logdensity, dense=False)
+    initial = jax.random.uniform(jax.random.key(2), (8, 6), minval=-2, maxval=2)
+    (states, parameters), info = warmup.run(jax.random.key(3), initial, 1000)
+    proposal_cov = np.asarray(parameters["proposal_cov"])
+    assert proposal_cov.shape == (6,)
+    ratio = proposal_cov / variances
+    assert ratio.max() / ratio.min() < 2.0
+    assert info.acceptance_rate.shape == (1000, 8)
+
+
+def test_step_size_reaches_the_target_acceptance():
+    """In one dimension the pooled Robbins-Monro recursion tunes toward 0.44; the acceptance
+    of the fixed kernel afterwards is within 0.05 of it (about 8 Monte Carlo SEs for the
+    4000 correlated acceptance probabilities used here)."""
+    result = rwmh.sample(
+        jax.random.key(4),
+        lambda x: -0.5 * jnp.sum(x**2) / 9.0,
+        jnp.zeros((4, 1)),
+        num_samples=1000,
+        progress_bar=False,
+    )
+    assert adaptation.default_target_acceptance_rate(1) == pytest.approx(0.44)
+    assert abs(float(np.mean(result.stats["acceptance_rate"])) - 0.44) < 0.05
+    # The adapted proposal sd (step size times sd of the proposal) is near the optimum of
+    # about 2.4 target sds (Gelman, Roberts & Gilks 1996), so within a factor 1.5 of it.
+    scale = float(result.parameters["step_size"]) * np.sqrt(
+        float(np.asarray(result.parameters["proposal_cov"]).reshape(-1)[0])
+    )
+    assert 2.4 * 3.0 / 1.5 < scale < 2.4 * 3.0 * 1.5
+
+
+# --- the pooled moment accumulator ----------------------------------------------------------
+
+
+def test_weighted_moments_match_numpy():
+    """Merging batches of weighted points gives numpy's weighted mean and covariance."""
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(3, 10, 4)) * np.array([1e-3, 1.0, 10.0, 100.0]) + 5.0
+    # Compare on the float32 points themselves: rounding them to float32 is not the
+    # accumulator's error (it is 3e-4 sd for the first column, sd 1e-3 around 5).
+    points = points.astype(np.float32).astype(float)
+    weights = rng.uniform(size=(3, 10))
+    for dense in (True, False):
+        state = adaptation.init(
+            4, jnp.float64 if jax.config.x64_enabled else jnp.float32, dense=dense
+        )
+        for batch, batch_weights in zip(points, weights, strict=True):
+            state = adaptation._accumulate(
+                state, jnp.asarray(batch, state.mean.dtype), jnp.asarray(batch_weights)
+            )
+        flat_points, flat_weights = points.reshape(-1, 4), weights.reshape(-1)
+        expected_mean = np.average(flat_points, axis=0, weights=flat_weights)
+        expected = np.cov(flat_points.T, aweights=flat_weights, ddof=0)
+        np.testing.assert_allclose(state.weight, flat_weights.sum(), rtol=1e-5)
+        np.testing.assert_allclose(state.mean, expected_mean, rtol=1e-5)
+        covariance = np.asarray(state.m2, float) / float(state.weight)
+        # float32 sums: judge each entry on the scale of its standard deviations, so that the
+        # test does not depend on how the parameters are scaled.
+        sd = np.sqrt(np.diag(expected))
+        if dense:
+            assert np.max(np.abs(covariance - expected) / np.outer(sd, sd)) < 1e-4
+        else:
+            assert np.max(np.abs(covariance - np.diag(expected)) / sd**2) < 1e-4
+
+
+def test_update_with_one_chain_and_under_vmap():
+    """``update`` takes any number of chains, one included, and works under ``jax.vmap`` (as
+    when NumPyro vmaps a single-chain kernel): vmapped results equal one call per chain."""
+    dimension, num_chains = 3, 5
+    rng = np.random.default_rng(1)
+    positions = jnp.asarray(rng.normal(size=(num_chains, dimension)), jnp.float32)
+    proposals = positions + jnp.asarray(rng.normal(size=(num_chains, dimension)), jnp.float32)
+    rates = jnp.asarray(rng.uniform(size=num_chains), jnp.float32)
+    schedule = jnp.asarray(adaptation.build_schedule(200))
+    state = adaptation.init(dimension, jnp.float32)
+
+    @jax.jit
+    def run(state, position, proposal, rate):
+        # Three steps inside a slow window, the last one ending it.
+        for row in (schedule[75], schedule[76], schedule[99]):
+            state = adaptation.update(state, row, position, proposal, rate, 0.3)
+        return state
+
+    one_chain = [
+        run(state, positions[i : i + 1], proposals[i : i + 1], rates[i : i + 1])
+        for i in range(num_chains)
+    ]
+    states = jax.tree_util.tree_map(lambda x: jnp.stack([x] * num_chains), state)
+    batched = jax.vmap(run)(states, positions, proposals, rates)
+    for i, single in enumerate(one_chain):
+        for field, a, b in zip(single._fields, single, batched, strict=True):
+            np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6, err_msg=field)
+    # A single chain given without its chain axis, as a vmapped kernel sees it.
+    unbatched = run(state, positions[0], proposals[0], rates[0])
+    np.testing.assert_allclose(unbatched.proposal_cov, one_chain[0].proposal_cov, rtol=1e-6)
+    assert np.isfinite(np.asarray(unbatched.step_size))
+    # The pooled update over all chains keeps the public fields the kernel uses.
+    pooled = run(state, positions, proposals, rates)
+    assert pooled.step_size.shape == () and pooled.scale.shape == (dimension, dimension)
+    np.testing.assert_allclose(
+        pooled.scale @ pooled.scale.T, pooled.proposal_cov, rtol=1e-4, atol=1e-6
+    )
+
+
+def test_stranded_chains_restart_from_others():
+    """A chain far below the others' median log density (or at a non-finite one) restarts from
+    the state of a chain in the bulk; chains in the bulk are left alone."""
+    logdensity = jnp.asarray([0.0, -1.0, -2.0, -1000.0, jnp.nan, -3.0])
+    positions = jnp.arange(6.0)[:, None] * jnp.ones((6, 2))
+    states = rwmh.RWMHState(positions, logdensity)
+    restarted = adaptation._restart_stragglers(states, 2)
+    position, restarted_logdensity = np.asarray(restarted.position), restarted.logdensity
+    bulk = [0, 1, 2, 5]
+    np.testing.assert_array_equal(position[bulk], np.asarray(positions)[bulk])
+    for chain in (3, 4):
+        donor = int(position[chain, 0])
+        assert donor in bulk
+        # The whole state moves: position and its log density together.
+        assert float(restarted_logdensity[chain]) == float(logdensity[donor])
+    # One chain, or all chains non-finite: nothing to restart from.
+    single = rwmh.RWMHState(positions[:1], jnp.asarray([-5.0]))
+    np.testing.assert_array_equal(
+        adaptation._restart_stragglers(single, 2).position, single.position
+    )
+    lost = rwmh.RWMHState(positions[:2], jnp.asarray([-jnp.inf, jnp.nan]))
+    np.testing.assert_array_equal(adaptation._restart_stragglers(lost, 2).position, positions[:2])
+
+
+# --- the schedule and the compiled loop -----------------------------------------------------
+
+
+def test_schedule_windows():
+    schedule = adaptation.build_schedule(1000)
+    assert schedule.shape == (1000, 4)
+    ends = list(np.flatnonzero(schedule[:, 1]) + 1)
+    assert ends == [100, 150, 250, 450, 950]
+    assert not schedule[:75].any() and not schedule[950:].any()
+    assert schedule[75:950, 0].all()
+    # Refreshes fall strictly inside windows, every 25 steps.
+    refreshes = np.flatnonzero(schedule[:, 2]) + 1
+    assert not (schedule[refreshes - 1, 1]).any()
+    assert set(np.diff(refreshes)) <= {25, 50, 75}
+    # Short warmups: buffers scale down, very short ones adapt only the step size.
+    assert adaptation.build_schedule(100)[:, 0].sum() == 100 - 15 - 10
+    assert not adaptation.build_schedule(19).any()
+    assert adaptation.build_schedule(0).shape == (0, 4)
+    # Stranded chains restart at every window end but the last.
+    assert list(np.flatnonzero(schedule[:, 3]) + 1) == [100, 150, 250, 450]
+
+
+def test_warmup_compiles_once():
+    """The schedule is data, not structure: windows of any length reuse one compilation."""
+    warmup = rwmh.window_adaptation(rotated_logdensity)
+    initial = jnp.zeros((4, DIMENSION))
+    warmup.run(jax.random.key(0), initial, 300)
+    size = adaptation.run_warmup._cache_size()
+    warmup.run(jax.random.key(1), initial + 0.5, 300)
+    assert adaptation.run_warmup._cache_size() == size
+    # Other window lengths, same number of steps: still no new compilation.
+    states, adapt = adaptation.initial_state(rotated_logdensity, initial)
+    other = adaptation.build_schedule(300, initial_buffer=20, first_window=60)
+    keys = adaptation.chain_keys(jax.random.key(2), 4)
+    steps = np.arange(300, dtype=np.uint32)
+    adaptation.run_warmup(rotated_logdensity, None, keys, states, adapt, steps, other)
+    assert adaptation.run_warmup._cache_size() == size
+    # And through rwmh.sample, whose warmup is the same compiled function.
+    rwmh.sample(jax.random.key(3), rotated_logdensity, initial, 10, 300, progress_bar=False)
+    assert adaptation.run_warmup._cache_size() == size
+
+
+def test_adaptation_stops_after_warmup():
+    """Sampling after warmup is the fixed kernel with the returned parameters: sampling again
+    from the warmup's final states with those parameters and no warmup gives the same draws."""
+    key = jax.random.key(5)
+    initial = jax.random.uniform(jax.random.key(6), (4, DIMENSION), minval=-2, maxval=2)
+    adapted = rwmh.sample(
+        key, rotated_logdensity, initial, num_samples=200, num_warmup=300, progress_bar=False
+    )
+    warmup_key, _ = jax.random.split(key)
+    (states, parameters), _ = rwmh.window_adaptation(rotated_logdensity).run(
+        warmup_key, initial, 300
+    )
+    for name in ("step_size", "proposal_cov"):
+        np.testing.assert_array_equal(parameters[name], adapted.parameters[name])
+    fixed = rwmh.sample(
+        key,
+        rotated_logdensity,
+        states.position,
+        num_samples=200,
+        num_warmup=0,
+        progress_bar=False,
+        **parameters,
+    )
+    np.testing.assert_allclose(fixed.positions, adapted.positions, rtol=1e-4, atol=1e-5)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, -0.2, 1.5])
+def test_target_acceptance_rate_outside_unit_interval(target):
+    with pytest.raises(ValueError, match="target_acceptance_rate"):
+        rwmh.window_adaptation(rotated_logdensity, target_acceptance_rate=target)
+    with pytest.raises(ValueError, match="target_acceptance_rate"):
+        rwmh.sample(
+            jax.random.key(0),
+            rotated_logdensity,
+            jnp.zeros((2, DIMENSION)),
+            target_acceptance_rate=target,
+            progress_bar=False,
+        )
+
+
+def test_negative_num_steps():
+    warmup = rwmh.window_adaptation(rotated_logdensity)
+    with pytest.raises(ValueError, match="num_steps"):
+        warmup.run(jax.random.key(0), jnp.zeros((2, DIMENSION)), -1)
+    with pytest.raises(ValueError, match="num_steps"):
+        adaptation.build_schedule(-5)
+    with pytest.raises(ValueError, match="num_warmup"):
+        rwmh.sample(
+            jax.random.key(0),
+            rotated_logdensity,
+            jnp.zeros((2, DIMENSION)),
+            num_warmup=-1,
+            progress_bar=False,
+        )
+
+
+def test_positions_without_chain_axis():
+    warmup = rwmh.window_adaptation(lambda p: -0.5 * (p["a"] ** 2 + jnp.sum(p["b"] ** 2)))
+    with pytest.raises(ValueError, match="positions"):
+        warmup.run(jax.random.key(0), {"a": jnp.float32(0.0), "b": jnp.zeros(3)}, 100)
+    # Leaves that disagree on the chain axis.
+    with pytest.raises(ValueError, match="positions"):
+        warmup.run(jax.random.key(0), {"a": jnp.zeros(4), "b": jnp.zeros((3, 3))}, 100)
+    with pytest.raises(ValueError, match="positions"):
+        rwmh.sample(jax.random.key(0), lambda x: -0.5 * x**2, jnp.float32(0.0), progress_bar=False)
