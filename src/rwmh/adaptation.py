@@ -300,13 +300,8 @@ def _regularised_covariance(m2: Array, weight: Array) -> Array:
     return w * covariance + (1.0 - w) * 1e-3 * jnp.diag(jnp.diag(covariance))
 
 
-def _factor(covariance: Array) -> Array:
-    """Factor as ``diag(sd) chol(R)``, which stays accurate for badly scaled parameters."""
-    if covariance.ndim == 1:
-        return jnp.sqrt(covariance)
-    sd = jnp.sqrt(jnp.diag(covariance))
-    correlation = covariance / jnp.outer(sd, sd)
-    return sd[:, None] * jnp.linalg.cholesky(correlation)
+#: Factor of a covariance, shared with the kernel (see :func:`rwmh.kernel.factor_covariance`).
+_factor = _kernel.factor_covariance
 
 
 def _refresh(state: AdaptationState, window_end: Array, dimension: int) -> AdaptationState:

@@ -171,17 +171,33 @@ def proposal_scale(proposal_cov: ArrayLike | None, dimension: int | None = None)
     if ndim == 1:
         if concrete and not bool(np.all(np.asarray(proposal_cov) > 0)):
             raise ValueError("proposal_cov (diagonal) must hold positive, finite variances.")
-        return jnp.sqrt(proposal_cov)
+        return factor_covariance(proposal_cov)
     if concrete:
         dense = np.asarray(proposal_cov)
         if not np.all(np.isfinite(dense)) or not np.allclose(
             dense, dense.T, rtol=1e-5, atol=1e-8 * np.max(np.abs(dense))
         ):
             raise ValueError("proposal_cov must be a finite, symmetric matrix.")
-    lower = jnp.linalg.cholesky(proposal_cov)
+    lower = factor_covariance(proposal_cov)
     if concrete and not bool(jnp.all(jnp.isfinite(lower))):
         raise ValueError("proposal_cov must be positive definite (its Cholesky factor failed).")
     return lower
+
+
+def factor_covariance(covariance: Array) -> Array:
+    """The factor ``L`` of a covariance, without checks: ``sqrt`` of a vector of variances, or
+    ``diag(sd) chol(R)`` for a matrix with standard deviations ``sd`` and correlations ``R``.
+
+    Factoring the correlation matrix rather than the covariance keeps the factor accurate when
+    parameters live on very different scales; it is the lower Cholesky factor all the same.
+    Warmup and :func:`proposal_scale` both use it, so that a covariance handed from one to the
+    other gives the same factor.
+    """
+    if covariance.ndim == 1:
+        return jnp.sqrt(covariance)
+    sd = jnp.sqrt(jnp.diag(covariance))
+    correlation = covariance / jnp.outer(sd, sd)
+    return sd[:, None] * jnp.linalg.cholesky(correlation)
 
 
 def _check_scale(scale, dimension: int):

@@ -357,7 +357,7 @@ class RWMH(MCMCKernel):
             # No slow window: the adaptation then leaves the covariance alone.
             schedule = np.zeros_like(schedule)
         # One spare all-False row, so that indexing with min(i, num_warmup) is always valid.
-        self._schedule = np.concatenate([schedule, np.zeros((1, 2), bool)])
+        self._schedule = np.concatenate([schedule, np.zeros((1, schedule.shape[1]), bool)])
 
         adapt_state = _adaptation.init(
             dimension, flat_one.dtype, self._step_size, self._proposal_cov, dense=self._dense

@@ -238,7 +238,9 @@ class _Layout:
 
     def _put(self, x, spec: P):
         if self.mesh is None:
-            return jnp.asarray(x)
+            # Host arrays stay on the host: jit takes them as they come, and passing them like
+            # window_adaptation.run does keeps one dispatch-cache entry for both.
+            return x if isinstance(x, np.ndarray) else jnp.asarray(x)
         if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = self._put(np.asarray(jax.random.key_data(x)), spec)
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
