@@ -446,6 +446,17 @@ def _start_sampling(run: _Run) -> None:
     run.phase, run.next_step = "sampling", 0
 
 
+def _record_if_finished(in_flight, wait: bool) -> None:
+    """Record the chunk in flight after a run stopped: if the device has finished it, or with
+    ``wait`` (after a failure elsewhere) once it finishes. An interrupted run never waits."""
+    if not in_flight:
+        return
+    record, arguments = in_flight.pop()
+    leaves = [x for x in jax.tree_util.tree_leaves(arguments) if isinstance(x, jax.Array)]
+    if wait or all(leaf.is_ready() for leaf in leaves):
+        record(*arguments)
+
+
 def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path, progress_bar):
     """Run ``run`` from where it stands to the end, chunk by chunk.
 
@@ -458,6 +469,8 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
     chunk_size, thin = settings["chunk_size"], settings["thin"]
     warmup_key, sampling_key = jax.random.split(run.rng_key)
     bar = _progress.progress_bar(progress_bar)
+    # The chunk dispatched but not yet recorded (at most one): (record function, arguments).
+    in_flight = []
     try:
         if run.phase == "warmup":
             bar.start("warmup", num_warmup - run.next_step)
@@ -469,22 +482,36 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
             chain_mask = layout.chain_mask()
             mask = () if chain_mask is None else (chain_mask,)
             warmup_chunk = chunk_size or bar.chunk_length(num_warmup)
-            for first, length in _chunks(num_warmup, warmup_chunk, run.next_step):
-                states, adapt, info = run_warmup(
-                    logdensity_fn,
-                    settings["target_acceptance_rate"],
-                    keys,
-                    run.states,
-                    run.adapt,
-                    layout.replicated(np.arange(first, first + length, dtype=np.uint32)),
-                    layout.replicated(schedule[first : first + length]),
-                    *mask,
-                )
+
+            def record_warmup(first, length, states, adapt, info):
                 host_info = layout.to_host(tuple(info), chain_axis=1)
                 run.store_warmup(host_info, first)
                 bar.update(length, host_info[0])
                 run.states, run.adapt, run.next_step = states, adapt, first + length
                 _save(run, layout, checkpoint_path)
+
+            # One chunk in flight: the next chunk is dispatched before the last one is copied
+            # to the host, shown and saved, so the device never waits for the host. `run`
+            # only ever holds recorded chunks, whatever interrupts the loop.
+            states, adapt = run.states, run.adapt
+            for first, length in _chunks(num_warmup, warmup_chunk, run.next_step):
+                states, adapt, info = run_warmup(
+                    logdensity_fn,
+                    settings["target_acceptance_rate"],
+                    keys,
+                    states,
+                    adapt,
+                    layout.replicated(np.arange(first, first + length, dtype=np.uint32)),
+                    layout.replicated(schedule[first : first + length]),
+                    *mask,
+                )
+                if in_flight:
+                    record, arguments = in_flight.pop()
+                    record(*arguments)
+                in_flight.append((record_warmup, (first, length, states, adapt, info)))
+            if in_flight:
+                record, arguments = in_flight.pop()
+                record(*arguments)
             _start_sampling(run)
 
         run_sampling_chunk = layout.sampling_fn()
@@ -492,17 +519,8 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
         step_size, scale = layout.replicated((run.parameters["step_size"], run.scale))
         bar.start("sampling", (num_samples - run.next_step) * thin)
         sampling_chunk = chunk_size or bar.chunk_length(num_samples)
-        for first, num_draws in _chunks(num_samples, sampling_chunk, run.next_step):
-            states, draws = run_sampling_chunk(
-                logdensity_fn,
-                num_draws,
-                thin,
-                keys,
-                run.states,
-                step_size,
-                scale,
-                layout.replicated(np.asarray(first * thin, np.uint32)),
-            )
+
+        def record_draws(first, num_draws, states, draws):
             host_draws = layout.to_host(draws, chain_axis=1)
             run.store_draws(host_draws, first)
             bar.update(num_draws * thin, host_draws[1]["acceptance_rate"], host_draws[0])
@@ -510,9 +528,30 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
             if run.next_step == num_samples:
                 run.phase = "done"
             _save(run, layout, checkpoint_path)
+
+        states = run.states
+        for first, num_draws in _chunks(num_samples, sampling_chunk, run.next_step):
+            states, draws = run_sampling_chunk(
+                logdensity_fn,
+                num_draws,
+                thin,
+                keys,
+                states,
+                step_size,
+                scale,
+                layout.replicated(np.asarray(first * thin, np.uint32)),
+            )
+            if in_flight:
+                record, arguments = in_flight.pop()
+                record(*arguments)
+            in_flight.append((record_draws, (first, num_draws, states, draws)))
+        if in_flight:
+            record, arguments = in_flight.pop()
+            record(*arguments)
         run.phase = "done"
         bar.close()
     except KeyboardInterrupt:
+        _record_if_finished(in_flight, wait=False)
         bar.close()
         warnings.warn(
             f"rwmh.sample was interrupted in {run.phase} at step {run.next_step}; returning the "
@@ -524,6 +563,10 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
     except Exception as error:
         bar.close()
         try:
+            try:
+                _record_if_finished(in_flight, wait=True)
+            except Exception:
+                pass  # the chunk in flight failed too: keep what was recorded before it
             error.partial_result = run.result(layout, interrupted=True)
         except Exception:
             # The failure may have left the devices unusable: never hide the original error.
