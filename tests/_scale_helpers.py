@@ -48,3 +48,18 @@ def run_worker(*arguments, num_devices=None, timeout=120) -> str:
     if process.returncode != 0:
         raise AssertionError(f"worker {arguments} failed ({process.returncode}):\n{stderr}")
     return stdout
+
+
+def interrupt_on_call(monkeypatch, module, name, call):
+    """Make the ``call``-th call of ``module.name`` raise KeyboardInterrupt, as Ctrl-C
+    arriving while the driver dispatches that chunk."""
+    original = getattr(module, name)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scale_worker
-from _scale_helpers import start_worker
+from _scale_helpers import interrupt_on_call, start_worker
 
 import rwmh
 from rwmh import checkpoint, sampling
@@ -38,15 +38,7 @@ def reference():
 
 def _interrupted_run(monkeypatch, path, module, name, call):
     original = getattr(module, name)
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, interrupted)
+    interrupt_on_call(monkeypatch, module, name, call)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         rwmh.sample(

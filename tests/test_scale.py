@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scale_worker
-from _scale_helpers import run_worker
+from _scale_helpers import interrupt_on_call, run_worker
 
 import rwmh
 from rwmh import sampling
@@ -118,26 +118,11 @@ def test_checkpoint_directory_is_not_a_file_path(tmp_path):
         rwmh.sample(jax.random.key(0), _never_called, jnp.zeros((4, 2)), checkpoint=tmp_path)
 
 
-def _interrupt_on_call(monkeypatch, module, name, call):
-    """Make the ``call``-th call of ``module.name`` raise KeyboardInterrupt, as Ctrl-C
-    arriving while the driver waits for that chunk."""
-    original = getattr(module, name)
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, interrupted)
-
-
 def test_ctrl_c_returns_the_completed_draws(monkeypatch):
     positions = scale_worker.initial_gaussian(4)
     logdensity = scale_worker.gaussian_logdensity
     whole = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
-    _interrupt_on_call(monkeypatch, sampling, "run_sampling", 3)
+    interrupt_on_call(monkeypatch, sampling, "run_sampling", 3)
     with pytest.warns(RuntimeWarning, match="interrupted"):
         partial = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
     assert partial.extra["interrupted"] is True
@@ -152,7 +137,7 @@ def test_ctrl_c_returns_the_completed_draws(monkeypatch):
 def test_ctrl_c_during_warmup_keeps_the_warmup_trace(monkeypatch):
     positions = scale_worker.initial_gaussian(4)
     logdensity = scale_worker.gaussian_logdensity
-    _interrupt_on_call(monkeypatch, rwmh.adaptation, "run_warmup", 2)
+    interrupt_on_call(monkeypatch, rwmh.adaptation, "run_warmup", 2)
     with pytest.warns(RuntimeWarning, match="interrupted"):
         partial = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
     assert partial.num_draws == 0

@@ -453,18 +453,19 @@ def parameters(state: AdaptationState) -> dict:
     return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
 
 
-def _check_target(target_acceptance_rate):
+def _check_target(target_acceptance_rate, name: str = "target_acceptance_rate"):
+    """The target as a float, or None; an error naming ``name`` unless it lies in (0, 1)."""
     if target_acceptance_rate is None:
-        return
+        return None
     try:
         value = float(target_acceptance_rate)
     except (TypeError, ValueError):
         raise TypeError(
-            "target_acceptance_rate must be a number in (0, 1) or None; got "
-            f"{target_acceptance_rate!r}."
+            f"{name} must be a number in (0, 1) or None; got {target_acceptance_rate!r}."
         ) from None
     if not 0.0 < value < 1.0:
-        raise ValueError(f"target_acceptance_rate must lie in (0, 1); got {value}.")
+        raise ValueError(f"{name} must lie in (0, 1); got {value}.")
+    return value
 
 
 def _check_num_steps(num_steps, name: str = "num_steps"):
@@ -643,7 +644,7 @@ def initial_state(logdensity_fn, positions, step_size=None, proposal_cov=None, d
 
 @partial(jax.jit, static_argnames=("logdensity_fn", "dense"))
 def _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense):
-    states = jax.vmap(lambda p: _kernel.init(p, logdensity_fn))(positions)
+    states = init_states(logdensity_fn, positions)
     flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
     dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
     adapt = init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
@@ -716,13 +717,8 @@ def window_adaptation(
     """
     if not callable(logdensity_fn):
         raise TypeError(f"logdensity_fn must be callable; got {type(logdensity_fn).__name__}.")
-    _check_target(target_acceptance_rate)
-    if target_acceptance_rate is not None:
-        target_acceptance_rate = float(target_acceptance_rate)
-    if initial_step_size is not None and not (
-        np.ndim(initial_step_size) == 0 and np.isfinite(initial_step_size) and initial_step_size > 0
-    ):
-        raise ValueError(f"initial_step_size must be a positive number; got {initial_step_size!r}.")
+    target_acceptance_rate = _check_target(target_acceptance_rate)
+    _kernel.check_step_size(initial_step_size, "initial_step_size")
 
     def run(rng_key, positions, num_steps: int = 1000):
         _check_num_steps(num_steps)

@@ -200,6 +200,21 @@ def factor_covariance(covariance: Array) -> Array:
     return sd[:, None] * jnp.linalg.cholesky(correlation)
 
 
+def check_step_size(step_size, name: str = "step_size"):
+    """``step_size`` as a float, or None; a ValueError naming ``name`` unless it is a positive
+    finite scalar. Traced values (inside ``jit``) pass unchecked."""
+    if step_size is None or isinstance(step_size, jax.core.Tracer):
+        return step_size
+    message = f"{name} must be a positive finite scalar; got {step_size!r}."
+    try:
+        value = np.asarray(step_size, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if value.ndim != 0 or not np.isfinite(value) or value <= 0:
+        raise ValueError(message)
+    return float(value)
+
+
 def _check_scale(scale, dimension: int):
     if scale is not None and jnp.shape(scale)[0] != dimension:
         raise ValueError(
@@ -315,10 +330,9 @@ def random_walk(
     """
     if not callable(logdensity_fn):
         raise TypeError(f"logdensity_fn must be callable; got {type(logdensity_fn).__name__}.")
-    if not isinstance(step_size, jax.core.Tracer):
-        step_array = np.asarray(step_size)
-        if step_array.ndim != 0 or not np.isfinite(step_array) or step_array <= 0:
-            raise ValueError(f"step_size must be a positive finite scalar; got {step_size!r}.")
+    if step_size is None:
+        raise ValueError("step_size must be a positive finite scalar; got None.")
+    check_step_size(step_size)
     scale = proposal_scale(proposal_cov)
     kernel = build_kernel()
 

@@ -95,33 +95,6 @@ class RWMHKernelState(NamedTuple):
     rng_key: Array
 
 
-def _check_step_size(step_size):
-    if step_size is None:
-        return None
-    message = f"step_size must be a positive finite number; got {step_size!r}."
-    try:
-        value = np.asarray(step_size, dtype=float)
-    except (TypeError, ValueError):
-        raise ValueError(message) from None
-    if value.ndim != 0 or not np.isfinite(value) or value <= 0:
-        raise ValueError(message)
-    return float(value)
-
-
-def _check_target_accept_prob(target_accept_prob):
-    if target_accept_prob is None:
-        return None
-    try:
-        value = float(target_accept_prob)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"target_accept_prob must be a number in (0, 1) or None; got {target_accept_prob!r}."
-        ) from None
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"target_accept_prob must lie in (0, 1); got {value}.")
-    return value
-
-
 def _as_float(tree):
     """Integer or boolean initial values would make the random walk fail; move them to floats."""
 
@@ -240,7 +213,7 @@ class RWMH(MCMCKernel):
             raise ValueError(f"init_strategy must be callable; got {init_strategy!r}.")
         self._model = model
         self._potential_fn = potential_fn
-        self._step_size = _check_step_size(step_size)
+        self._step_size = _kernel.check_step_size(step_size)
         # Factor once here only to reject a bad covariance early; init factors it again
         # once the dimension is known.
         _kernel.proposal_scale(proposal_cov)
@@ -248,7 +221,9 @@ class RWMH(MCMCKernel):
         self._adapt_step_size = bool(adapt_step_size)
         self._adapt_proposal_cov = bool(adapt_proposal_cov)
         self._dense = bool(dense)
-        self._target_accept_prob = _check_target_accept_prob(target_accept_prob)
+        self._target_accept_prob = _adaptation._check_target(
+            target_accept_prob, "target_accept_prob"
+        )
         self._init_strategy = init_strategy
         # Set by init.
         self._potential_fn_gen = None

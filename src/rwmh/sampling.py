@@ -883,9 +883,7 @@ def sample(
     if chunk_size is not None:
         chunk_size = _check_int(chunk_size, "chunk_size", 1)
     _adaptation._check_target(target_acceptance_rate)
-    if step_size is not None:
-        if np.ndim(step_size) != 0 or not np.isfinite(step_size) or step_size <= 0:
-            raise ValueError(f"step_size must be a positive finite scalar; got {step_size!r}.")
+    _kernel.check_step_size(step_size)
     num_chains = _check_positions(initial_positions)
     mesh = _resolve_devices(devices)
     if checkpoint is not None:
