@@ -446,14 +446,11 @@ def _start_sampling(run: _Run) -> None:
     run.phase, run.next_step = "sampling", 0
 
 
-def _record_if_finished(in_flight, wait: bool) -> None:
-    """Record the chunk in flight after a run stopped: if the device has finished it, or with
-    ``wait`` (after a failure elsewhere) once it finishes. An interrupted run never waits."""
-    if not in_flight:
-        return
-    record, arguments = in_flight.pop()
-    leaves = [x for x in jax.tree_util.tree_leaves(arguments) if isinstance(x, jax.Array)]
-    if wait or all(leaf.is_ready() for leaf in leaves):
+def _record_in_flight(in_flight) -> None:
+    """Record the chunk in flight after a run stopped, once the device finishes it: it was
+    dispatched before the stop, so it belongs to the draws completed so far."""
+    if in_flight:
+        record, arguments = in_flight.pop()
         record(*arguments)
 
 
@@ -551,7 +548,11 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
         run.phase = "done"
         bar.close()
     except KeyboardInterrupt:
-        _record_if_finished(in_flight, wait=False)
+        try:
+            _record_in_flight(in_flight)
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: stop now, without the chunk in flight
+
         bar.close()
         warnings.warn(
             f"rwmh.sample was interrupted in {run.phase} at step {run.next_step}; returning the "
@@ -564,7 +565,7 @@ def _drive(run: _Run, logdensity_fn: Callable, layout: _Layout, checkpoint_path,
         bar.close()
         try:
             try:
-                _record_if_finished(in_flight, wait=True)
+                _record_in_flight(in_flight)
             except Exception:
                 pass  # the chunk in flight failed too: keep what was recorded before it
             error.partial_result = run.result(layout, interrupted=True)
@@ -862,9 +863,11 @@ def sample(
     ``parameters``, ``last_state`` and ``to_inference_data()``.
 
     Interrupting (Ctrl-C, ``KeyboardInterrupt``) returns the draws of the chunks completed so
-    far, with a ``RuntimeWarning`` and ``result.extra["interrupted"] = True``, as PyMC does;
-    a chunk in progress is lost. Any other exception carries that partial result as its
-    ``partial_result`` attribute.
+    far, with a ``RuntimeWarning`` and ``result.extra["interrupted"] = True``, as PyMC does.
+    The driver keeps one chunk running on the device while it copies the previous one; after
+    Ctrl-C it waits for that chunk and keeps it (a second Ctrl-C stops at once without it). A
+    chunk being copied when Ctrl-C arrives is lost. Any other exception carries that partial
+    result as its ``partial_result`` attribute.
 
     Examples
     --------
