@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from rwmh import _checks
 from rwmh import kernel as _kernel
 
 __all__ = [
@@ -475,23 +476,22 @@ def _check_num_steps(num_steps, name: str = "num_steps"):
         raise ValueError(f"{name} must be a non-negative integer; got {num_steps}.")
 
 
-def _chain_count(positions) -> int:
+def _chain_count(positions, name: str = "positions") -> int:
     leaves = jax.tree_util.tree_leaves(positions)
     if not leaves:
-        raise ValueError("positions must hold at least one array.")
+        raise ValueError(f"{name} must hold at least one array.")
     sizes = set()
     for leaf in leaves:
         shape = np.shape(leaf)
         if len(shape) == 0:
             raise ValueError(
-                "positions must carry a leading chain axis (num_chains, ...); got a scalar leaf. "
+                f"{name} must carry a leading chain axis (num_chains, ...); got a scalar leaf. "
                 "For one chain, add an axis: position[None]."
             )
         sizes.add(shape[0])
     if len(sizes) != 1:
         raise ValueError(
-            "positions: every leaf must have the same leading chain axis; got sizes "
-            f"{sorted(sizes)}."
+            f"{name}: every leaf must have the same leading chain axis; got sizes {sorted(sizes)}."
         )
     return sizes.pop()
 
@@ -616,12 +616,7 @@ def run_warmup(
 def chain_keys(rng_key, num_chains: int) -> Array:
     """Key of chain ``c`` is ``fold_in(rng_key, c)``: it depends on the chain's index alone, so
     padding or sharding the chain axis never changes a chain's draws."""
-    if isinstance(rng_key, jax.Array) and not jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
-        if rng_key.shape != (2,) or rng_key.dtype != jnp.uint32:
-            raise ValueError(
-                "rng_key must be a typed key (jax.random.key) or a legacy PRNGKey of shape (2,) "
-                f"and dtype uint32; got shape {rng_key.shape} and dtype {rng_key.dtype}."
-            )
+    _checks.check_key(rng_key)
     return _fold_in_chains(rng_key, int(num_chains))
 
 
@@ -715,18 +710,27 @@ def window_adaptation(
     >>> sorted(parameters)
     ['proposal_cov', 'step_size']
     """
-    if not callable(logdensity_fn):
-        raise TypeError(f"logdensity_fn must be callable; got {type(logdensity_fn).__name__}.")
+    _checks.check_callable(logdensity_fn)
     target_acceptance_rate = _check_target(target_acceptance_rate)
+    dense = _checks.check_bool(dense, "dense")
     _kernel.check_step_size(initial_step_size, "initial_step_size")
+    if initial_proposal_cov is not None:
+        _kernel.proposal_scale(initial_proposal_cov, name="initial_proposal_cov")
 
     def run(rng_key, positions, num_steps: int = 1000):
+        _checks.check_key(rng_key)
         _check_num_steps(num_steps)
         num_chains = _chain_count(positions)
+        _checks.check_float_positions(positions, "positions", batched=True)
         positions = jax.tree_util.tree_map(jnp.asarray, positions)
+        if initial_proposal_cov is not None:
+            _kernel.proposal_scale(
+                initial_proposal_cov, flat_dimension(positions), name="initial_proposal_cov"
+            )
         states, adapt = initial_state(
             logdensity_fn, positions, initial_step_size, initial_proposal_cov, dense
         )
+        _checks.check_finite_logdensity(states.logdensity, "positions")
         schedule = build_schedule(num_steps)
         step_indices = np.arange(num_steps, dtype=np.uint32)
         keys = chain_keys(rng_key, num_chains)

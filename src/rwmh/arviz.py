@@ -127,6 +127,11 @@ def _posterior_dict(positions, var_name: str, var_names) -> dict[str, np.ndarray
     posterior = {}
     for name, leaf in zip(names, leaves, strict=True):
         values = np.asarray(leaf)
+        if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
+            raise TypeError(
+                f"positions leaf {name!r} must be a numeric array of draws; got dtype "
+                f"{values.dtype}."
+            )
         _check_draws(name, values, "positions leaf", None)
         posterior[name] = values
     shapes = {values.shape[:2] for values in posterior.values()}
@@ -137,6 +142,43 @@ def _posterior_dict(positions, var_name: str, var_names) -> dict[str, np.ndarray
             + "."
         )
     return posterior
+
+
+def _check_labels(groups: dict, coords, dims, attrs) -> None:
+    """Errors naming ``coords``, ``dims`` or ``attrs`` for labels that do not fit the draws,
+    before ArviZ or xarray report them in their own terms."""
+    for name, value in (("coords", coords), ("dims", dims), ("attrs", attrs)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a mapping; got {type(value).__name__}.")
+    variables = {}
+    for group in groups.values():
+        variables.update(group)
+    sizes: dict[str, int] = {}
+    for var, var_dims in (dims or {}).items():
+        if var not in variables:
+            raise ValueError(
+                f"dims names variable {var!r}, which is not in the draws; variables are "
+                f"{sorted(variables)}."
+            )
+        if isinstance(var_dims, str) or not all(isinstance(d, str) for d in var_dims):
+            raise TypeError(
+                f"dims[{var!r}] must be a sequence of dimension names (strings); got {var_dims!r}."
+            )
+        event_shape = variables[var].shape[2:]
+        if len(var_dims) > len(event_shape):
+            raise ValueError(
+                f"dims[{var!r}] names {len(var_dims)} dimensions, but {var!r} has event shape "
+                f"{event_shape} after (chain, draw)."
+            )
+        for dim, size in zip(var_dims, event_shape, strict=False):
+            if sizes.setdefault(dim, size) != size:
+                raise ValueError(f"dims: dimension {dim!r} has sizes {sizes[dim]} and {size}.")
+    for dim, labels in (coords or {}).items():
+        if dim in sizes and np.size(labels) != sizes[dim]:
+            raise ValueError(
+                f"coords[{dim!r}] has {np.size(labels)} labels, but dimension {dim!r} has size "
+                f"{sizes[dim]}."
+            )
 
 
 def _sample_stats_dict(stats: Mapping, sample_shape) -> dict[str, np.ndarray]:
@@ -227,6 +269,7 @@ def to_inference_data(
         groups["sample_stats"] = _sample_stats_dict(stats, sample_shape)
     from rwmh import __version__
 
+    _check_labels(groups, coords, dims, attrs)
     all_attrs = {"inference_library": "rwmh", "inference_library_version": __version__}
     all_attrs.update(attrs or {})
     return _from_dict(

@@ -39,6 +39,8 @@ import numpy as np
 from blackjax.base import SamplingAlgorithm
 from jax.flatten_util import ravel_pytree
 
+from rwmh import _checks
+
 __all__ = [
     "RWMHState",
     "RWMHInfo",
@@ -124,12 +126,17 @@ def init(position: ArrayLikeTree, logdensity_fn: Callable, rng_key: PRNGKey | No
     -0.0
     """
     del rng_key
+    _checks.check_callable(logdensity_fn)
+    _checks.check_float_positions(position, "position", batched=False)
     position = jax.tree_util.tree_map(jnp.asarray, position)
     logdensity = _check_scalar_logdensity(logdensity_fn(position))
+    _checks.check_finite_logdensity(logdensity, "position", batched=False)
     return RWMHState(position, logdensity)
 
 
-def proposal_scale(proposal_cov: ArrayLike | None, dimension: int | None = None):
+def proposal_scale(
+    proposal_cov: ArrayLike | None, dimension: int | None = None, name: str = "proposal_cov"
+):
     """Factor a proposal covariance once: the ``L`` with ``L @ L.T == proposal_cov``.
 
     Parameters
@@ -139,6 +146,8 @@ def proposal_scale(proposal_cov: ArrayLike | None, dimension: int | None = None)
         symmetric positive-definite covariance matrix.
     dimension
         If given, the flattened dimension ``d`` of the position that ``proposal_cov`` must match.
+    name
+        The argument's name in error messages.
 
     Returns
     -------
@@ -153,34 +162,41 @@ def proposal_scale(proposal_cov: ArrayLike | None, dimension: int | None = None)
     """
     if proposal_cov is None:
         return None
-    proposal_cov = jnp.asarray(proposal_cov)
+    try:
+        proposal_cov = jnp.asarray(proposal_cov)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be None or an array of variances or covariances; got "
+            f"{type(proposal_cov).__name__}."
+        ) from None
     if not jnp.issubdtype(proposal_cov.dtype, jnp.floating):
         proposal_cov = proposal_cov.astype(jnp.result_type(float))
     ndim = proposal_cov.ndim
     if ndim not in (1, 2) or (ndim == 2 and proposal_cov.shape[0] != proposal_cov.shape[1]):
         raise ValueError(
-            "proposal_cov must be None, a vector of d variances or a (d, d) covariance matrix; "
+            f"{name} must be None, a vector of d variances or a (d, d) covariance matrix; "
             f"got shape {proposal_cov.shape}."
         )
     if dimension is not None and proposal_cov.shape[0] != dimension:
         raise ValueError(
-            f"proposal_cov has shape {proposal_cov.shape} but the flattened position has "
+            f"{name} has shape {proposal_cov.shape} but the flattened position has "
             f"dimension {dimension}; expected ({dimension},) or ({dimension}, {dimension})."
         )
     concrete = not isinstance(proposal_cov, jax.core.Tracer)
     if ndim == 1:
-        if concrete and not bool(np.all(np.asarray(proposal_cov) > 0)):
-            raise ValueError("proposal_cov (diagonal) must hold positive, finite variances.")
+        variances = np.asarray(proposal_cov) if concrete else None
+        if concrete and not bool(np.all(np.isfinite(variances) & (variances > 0))):
+            raise ValueError(f"{name} (diagonal) must hold positive, finite variances.")
         return factor_covariance(proposal_cov)
     if concrete:
         dense = np.asarray(proposal_cov)
         if not np.all(np.isfinite(dense)) or not np.allclose(
             dense, dense.T, rtol=1e-5, atol=1e-8 * np.max(np.abs(dense))
         ):
-            raise ValueError("proposal_cov must be a finite, symmetric matrix.")
+            raise ValueError(f"{name} must be a finite, symmetric matrix.")
     lower = factor_covariance(proposal_cov)
     if concrete and not bool(jnp.all(jnp.isfinite(lower))):
-        raise ValueError("proposal_cov must be positive definite (its Cholesky factor failed).")
+        raise ValueError(f"{name} must be positive definite (its Cholesky factor failed).")
     return lower
 
 
@@ -270,6 +286,12 @@ def build_kernel() -> Callable:
     ) -> tuple[RWMHState, RWMHInfo]:
         if proposal_cov is not None and scale is not None:
             raise ValueError("Pass proposal_cov or its factor scale, not both.")
+        _checks.check_key(rng_key)
+        if not (hasattr(state, "position") and hasattr(state, "logdensity")):
+            raise TypeError(
+                "state must be an RWMHState(position, logdensity), as made by init; got "
+                f"{type(state).__name__}."
+            )
         flat_position, unravel = ravel_pytree(state.position)
         if scale is None:
             scale = proposal_scale(proposal_cov, flat_position.shape[0])
@@ -328,8 +350,7 @@ def random_walk(
     >>> info.acceptance_rate.shape
     (4,)
     """
-    if not callable(logdensity_fn):
-        raise TypeError(f"logdensity_fn must be callable; got {type(logdensity_fn).__name__}.")
+    _checks.check_callable(logdensity_fn)
     if step_size is None:
         raise ValueError("step_size must be a positive finite scalar; got None.")
     check_step_size(step_size)

@@ -46,6 +46,7 @@ from numpyro.infer.mcmc import MCMCKernel
 from numpyro.infer.util import initialize_model
 from numpyro.util import identity, is_prng_key
 
+from rwmh import _checks
 from rwmh import adaptation as _adaptation
 from rwmh import kernel as _kernel
 
@@ -207,10 +208,10 @@ class RWMH(MCMCKernel):
                 + ("both." if model is not None else "neither.")
             )
         for name, fn in (("model", model), ("potential_fn", potential_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{name} must be callable; got {type(fn).__name__}.")
+            if fn is not None:
+                _checks.check_callable(fn, name)
         if not callable(init_strategy):
-            raise ValueError(f"init_strategy must be callable; got {init_strategy!r}.")
+            raise TypeError(f"init_strategy must be callable; got {init_strategy!r}.")
         self._model = model
         self._potential_fn = potential_fn
         self._step_size = _kernel.check_step_size(step_size)
@@ -218,9 +219,9 @@ class RWMH(MCMCKernel):
         # once the dimension is known.
         _kernel.proposal_scale(proposal_cov)
         self._proposal_cov = proposal_cov
-        self._adapt_step_size = bool(adapt_step_size)
-        self._adapt_proposal_cov = bool(adapt_proposal_cov)
-        self._dense = bool(dense)
+        self._adapt_step_size = _checks.check_bool(adapt_step_size, "adapt_step_size")
+        self._adapt_proposal_cov = _checks.check_bool(adapt_proposal_cov, "adapt_proposal_cov")
+        self._dense = _checks.check_bool(dense, "dense")
         self._target_accept_prob = _adaptation._check_target(
             target_accept_prob, "target_accept_prob"
         )
@@ -313,6 +314,7 @@ class RWMH(MCMCKernel):
         elif init_params is None:
             raise ValueError("`init_params` must be given to MCMC.run when using `potential_fn`.")
         init_params = _as_float(init_params)
+        _checks.check_float_positions(init_params, "init_params", batched=vectorized)
         one_position = _first(init_params) if vectorized else init_params
         flat_one, _ = ravel_pytree(one_position)
         dimension = flat_one.shape[0]
@@ -342,6 +344,9 @@ class RWMH(MCMCKernel):
         if vectorized:
             num_chains = jnp.shape(jax.tree_util.tree_leaves(init_params)[0])[0]
             potential_energy = jax.vmap(potential_fn)(init_params).astype(dtype)
+            _checks.check_finite_logdensity(
+                potential_energy, "init_params", what="the potential energy"
+            )
             zeros = jnp.zeros((num_chains,), dtype)
             state = RWMHKernelState(
                 i=jnp.zeros((num_chains,), jnp.int32),
@@ -354,10 +359,14 @@ class RWMH(MCMCKernel):
                 rng_key=rng_key,
             )
         else:
+            potential_energy = jnp.asarray(potential_fn(init_params)).astype(dtype)
+            _checks.check_finite_logdensity(
+                potential_energy, "init_params", batched=False, what="the potential energy"
+            )
             state = RWMHKernelState(
                 i=jnp.zeros((), jnp.int32),
                 z=init_params,
-                potential_energy=jnp.asarray(potential_fn(init_params)).astype(dtype),
+                potential_energy=potential_energy,
                 accept_prob=jnp.zeros((), dtype),
                 mean_accept_prob=jnp.zeros((), dtype),
                 step_size=adapt_state.step_size,

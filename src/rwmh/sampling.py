@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rwmh import _checks
 from rwmh import adaptation as _adaptation
 from rwmh import checkpoint as _checkpoint
 from rwmh import kernel as _kernel
@@ -156,14 +157,8 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 
 def _check_positions(initial_positions) -> int:
-    num_chains = _adaptation._chain_count(initial_positions)
-    for leaf in jax.tree_util.tree_leaves(initial_positions):
-        dtype = np.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(
-                "initial_positions must hold floating-point arrays (the random walk moves them "
-                f"continuously); got dtype {dtype}."
-            )
+    num_chains = _adaptation._chain_count(initial_positions, "initial_positions")
+    _checks.check_float_positions(initial_positions, "initial_positions", batched=True)
     return num_chains
 
 
@@ -776,8 +771,10 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
     >>> bool((again.positions == first.positions).all())
     True
     """
-    if not callable(logdensity_fn):
-        raise TypeError(f"logdensity_fn must be callable; got {type(logdensity_fn).__name__}.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or PathLike); got {type(path).__name__}.")
+    _checks.check_callable(logdensity_fn)
+    progress_bar = _checks.check_bool(progress_bar, "progress_bar")
     mesh = _resolve_devices(devices)
     path = os.fspath(path)
     run, _ = _load(path)
@@ -878,8 +875,8 @@ def sample(
     >>> result.positions.shape
     (4, 200, 2)
     """
-    if not callable(logdensity_fn):
-        raise TypeError(f"logdensity_fn must be callable; got {type(logdensity_fn).__name__}.")
+    _checks.check_key(rng_key)
+    _checks.check_callable(logdensity_fn)
     num_samples = _check_int(num_samples, "num_samples", 1)
     num_warmup = _check_int(num_warmup, "num_warmup", 0)
     thin = _check_int(thin, "thin", 1)
@@ -887,6 +884,8 @@ def sample(
         chunk_size = _check_int(chunk_size, "chunk_size", 1)
     _adaptation._check_target(target_acceptance_rate)
     _kernel.check_step_size(step_size)
+    dense = _checks.check_bool(dense, "dense")
+    progress_bar = _checks.check_bool(progress_bar, "progress_bar")
     num_chains = _check_positions(initial_positions)
     mesh = _resolve_devices(devices)
     if checkpoint is not None:
@@ -903,6 +902,7 @@ def sample(
     states, adapt = _adaptation.initial_state(
         logdensity_fn, positions, step_size, proposal_cov, dense
     )
+    _checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")
     settings = {
         "num_chains": num_chains,
         "num_samples": num_samples,
