@@ -24,6 +24,7 @@ from numpyro.infer import MCMC
 from scipy import stats
 
 import rwmh
+from rwmh import adaptation
 from rwmh.numpyro import RWMH
 
 #: Side of the grid cells that the NaN holes are made of (a power of two: exact cell indices).
@@ -362,6 +363,50 @@ def test_sample_with_nan_holes_warmup_and_sampling():
     assert not np.any(np.isnan(warmup)) and np.all((warmup >= 0) & (warmup <= 1))
 
 
+def test_sample_recovers_from_a_step_size_that_overflows_proposals():
+    """An initial step size of 3e38: during the first slow window (steps 3-17 of 20) proposals
+    overflow to +-inf and are rejected with weight 0 in the Rao-Blackwellised covariance.
+    0 * inf is NaN: before the fix it poisoned the window's moments, so the covariance never
+    updated, the step size never restarted and the chains sampled with a step of 2e37,
+    accepting nothing."""
+    positions = jax.random.normal(jax.random.key(0), (64, 2))
+    result = rwmh.sample(
+        jax.random.key(1),
+        standard_normal,
+        positions,
+        200,
+        20,
+        step_size=3e38,
+        progress_bar=False,
+    )
+    # The fault fired: the step size was still above 1e38 when the slow window started.
+    assert float(result.warmup_info.step_size[3]) > 1e38
+    stats_ = result.stats
+    assert_healthy(result.positions, stats_["lp"], stats_["acceptance_rate"], standard_normal)
+    assert_parameters_valid(result.parameters)
+    assert float(result.parameters["step_size"]) < 10.0
+    assert stats_["acceptance_rate"].mean() > 0.1
+
+
+def test_update_ignores_an_infinite_proposal_of_weight_zero():
+    """``adaptation.update`` given a proposal at +-inf with acceptance 0 (its weight): the
+    window's moments stay finite and equal those without that proposal."""
+    schedule = jnp.asarray(adaptation.build_schedule(200))
+    positions = jnp.array([[0.0, 1.0], [2.0, -1.0], [1.0, 0.5]])
+    finite = positions + 0.5
+    proposals = finite.at[1].set(jnp.array([jnp.inf, -jnp.inf]))
+    rates = jnp.array([0.5, 0.0, 0.25])
+    update = jax.jit(adaptation.update, static_argnums=5)
+    for dense in (True, False):
+        state = adaptation.init(2, jnp.float32, dense=dense)
+        faulty = update(state, schedule[80], positions, proposals, rates, 0.3)
+        clean = update(state, schedule[80], positions, finite, rates, 0.3)
+        for name in ("weight", "mean", "m2"):
+            value = np.asarray(getattr(faulty, name))
+            assert np.all(np.isfinite(value)), (name, dense)
+            np.testing.assert_allclose(value, getattr(clean, name), rtol=1e-6, err_msg=name)
+
+
 # --- NumPyro ------------------------------------------------------------------------------
 
 
@@ -407,3 +452,16 @@ def test_numpyro_model_with_nan_holes():
     draws = np.asarray(mcmc.get_samples(group_by_chain=True)["x"])
     assert_numpyro_healthy(mcmc, holey_model_logdensity, draws)
     assert not np.any(np.asarray(in_hole(draws)))
+
+
+def test_numpyro_recovers_from_a_step_size_that_overflows_proposals():
+    """The NumPyro adapter shares the adaptation: the same overflowing first window as
+    :func:`test_sample_recovers_from_a_step_size_that_overflows_proposals`."""
+    init = jax.random.normal(jax.random.key(0), (64, 2))
+    mcmc = run_numpyro(
+        RWMH(potential_fn=gaussian_potential, step_size=3e38), 20, 200, 64, init_params=init
+    )
+    draws = np.asarray(mcmc.get_samples(group_by_chain=True))
+    assert_numpyro_healthy(mcmc, standard_normal, draws)
+    assert float(mcmc.last_state.adapt_state.step_size[0]) < 10.0
+    assert np.mean(mcmc.get_extra_fields()["accept_prob"]) > 0.1
