@@ -263,3 +263,21 @@ def test_proposal_cov_of_the_wrong_dimension_is_named():
 def test_a_non_scalar_logdensity_is_named():
     with pytest.raises(ValueError, match="logdensity_fn must return a scalar"):
         rwmh.init(jnp.zeros(3), lambda x: -0.5 * x**2)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_a_python_float_logdensity(x64):
+    """``lambda x: 0.0`` returns a Python float: the state holds a 0-d array, and the step
+    (eager and under jit) works; it used to fail calling ``.astype`` on the float."""
+    enable_x64 = getattr(jax, "enable_x64", None)
+    if enable_x64 is None:
+        from jax.experimental import enable_x64
+    dtype = jnp.float64 if x64 else jnp.float32
+    with enable_x64(x64):
+        algo = rwmh.random_walk(lambda x: 0.0, 1.0)
+        state = algo.init(jnp.zeros(2, dtype))
+        assert isinstance(state.logdensity, jax.Array) and state.logdensity.shape == ()
+        state, info = algo.step(jax.random.key(0), state)
+        assert bool(info.is_accepted) and state.position.dtype == dtype
+        state, info = jax.jit(algo.step)(jax.random.key(1), state)
+        assert bool(info.is_accepted) and state.position.dtype == dtype

@@ -89,6 +89,8 @@ class RWMHInfo(NamedTuple):
 
 
 def _check_scalar_logdensity(logdensity: Array) -> Array:
+    # As an array: a log density may return a Python float (``lambda x: 0.0``).
+    logdensity = jnp.asarray(logdensity)
     if jnp.ndim(logdensity) != 0:
         raise ValueError(
             "logdensity_fn must return a scalar for one position; got an array of shape "
