@@ -341,16 +341,25 @@ def assert_parameters_valid(parameters):
 
 
 def test_sample_with_nan_holes_warmup_and_sampling():
-    """``rwmh.sample`` on the holey normal, half the chains starting inside holes (log density
-    NaN, so they can never accept): warmup restarts them from the others, the adapted
-    parameters are valid, and no draw is in a hole."""
+    """``rwmh.sample`` on the holey normal: warmup and sampling run through the holes, the
+    adapted parameters are valid, and no draw is in a hole. Chains may not start in a hole
+    (log density NaN): that is refused before anything runs, naming those chains."""
     good = starts_outside_holes(4, 2, seed=8)
     grid = (np.arange(-20, 20) + 0.5) * CELL
     grid = np.stack(np.meshgrid(grid, grid), axis=-1).reshape(-1, 2)
     bad = jnp.asarray(grid[np.asarray(in_hole(grid))][:4])
-    positions = jnp.concatenate([good, bad])
     assert np.all(np.isnan(np.asarray(jax.vmap(holey_gaussian)(bad))))
+    with pytest.raises(ValueError, match="not finite at initial_positions of chains 4, 5, 6, 7"):
+        rwmh.sample(
+            jax.random.key(9),
+            holey_gaussian,
+            jnp.concatenate([good, bad]),
+            1000,
+            500,
+            progress_bar=False,
+        )
 
+    positions = starts_outside_holes(8, 2, seed=8)
     result = rwmh.sample(
         jax.random.key(9), holey_gaussian, positions, 1000, 500, progress_bar=False
     )
