@@ -317,7 +317,6 @@ def test_numpyro_init_params_outside_the_support_name_the_chain(chain_method):
 
 def test_numpyro_non_finite_init_params():
     mcmc = MCMC(RWMH(potential_fn=lambda z: jnp.sum(z**2)), num_warmup=5, num_samples=5)
-    mcmc._jit_model_args = False
     with pytest.raises(ValueError, match="init_params.*NaN or infinite"):
         mcmc.run(KEY, init_params=jnp.array([0.0, jnp.nan]))
 
