@@ -36,7 +36,7 @@ def check_key(rng_key, name: str = "rng_key"):
     expected = f"{name} must be one key from jax.random.key(seed) or jax.random.PRNGKey(seed)"
     dtype = getattr(rng_key, "dtype", None)
     shape = getattr(rng_key, "shape", None)
-    if dtype is None or shape is None or isinstance(rng_key, (bool, int, float)):
+    if dtype is None or shape is None:
         raise TypeError(f"{expected}; got {type(rng_key).__name__}.")
     if jnp.issubdtype(dtype, jax.dtypes.prng_key):
         if shape != ():
@@ -102,8 +102,8 @@ def check_float_positions(positions, name: str, batched: bool) -> None:
             raise ValueError(f"{name} holds NaN or infinite values; every entry must be finite.")
     if bad is not None and bad.any():
         raise ValueError(
-            f"{name}: {_describe_chains(bad)} hold NaN or infinite values; every entry of an "
-            "initial position must be finite."
+            f"{name}: {_describe_chains(bad)} hold{'s' if bad.sum() == 1 else ''} NaN or infinite "
+            "values; every entry of an initial position must be finite."
         )
 
 

@@ -633,11 +633,16 @@ def _fold_in_chains(rng_key, num_chains: int) -> Array:
     )
 
 
-def initial_state(logdensity_fn, positions, step_size=None, proposal_cov=None, dense=True):
-    """Batched chain states and a fresh :class:`AdaptationState` for ``positions``."""
+def initial_state(
+    logdensity_fn, positions, step_size=None, proposal_cov=None, dense=True, cov_name="proposal_cov"
+):
+    """Batched chain states and a fresh :class:`AdaptationState` for ``positions``.
+
+    ``proposal_cov`` is validated against the positions' dimension first, outside ``jit`` where
+    its values are concrete; errors call it ``cov_name``.
+    """
     if proposal_cov is not None:
-        # Validate outside jit, where the values are concrete.
-        _kernel.proposal_scale(proposal_cov, flat_dimension(positions))
+        _kernel.proposal_scale(proposal_cov, flat_dimension(positions), name=cov_name)
     return _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense)
 
 
@@ -727,12 +732,13 @@ def window_adaptation(
         num_chains = _chain_count(positions)
         _checks.check_float_positions(positions, "positions", batched=True)
         positions = jax.tree_util.tree_map(jnp.asarray, positions)
-        if initial_proposal_cov is not None:
-            _kernel.proposal_scale(
-                initial_proposal_cov, flat_dimension(positions), name="initial_proposal_cov"
-            )
         states, adapt = initial_state(
-            logdensity_fn, positions, initial_step_size, initial_proposal_cov, dense
+            logdensity_fn,
+            positions,
+            initial_step_size,
+            initial_proposal_cov,
+            dense,
+            cov_name="initial_proposal_cov",
         )
         _checks.check_finite_logdensity(states.logdensity, "positions")
         schedule = build_schedule(num_steps)

@@ -210,8 +210,7 @@ class RWMH(MCMCKernel):
         for name, fn in (("model", model), ("potential_fn", potential_fn)):
             if fn is not None:
                 _checks.check_callable(fn, name)
-        if not callable(init_strategy):
-            raise TypeError(f"init_strategy must be callable; got {init_strategy!r}.")
+        _checks.check_callable(init_strategy, "init_strategy")
         self._model = model
         self._potential_fn = potential_fn
         self._step_size = _kernel.check_step_size(step_size)

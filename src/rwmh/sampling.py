@@ -892,9 +892,6 @@ def sample(
         checkpoint = _checkpoint.check_path(checkpoint)
         _checkpoint.encode_tree(initial_positions)
     positions = jax.tree_util.tree_map(jnp.asarray, initial_positions)
-    dimension = _adaptation.flat_dimension(positions)
-    if proposal_cov is not None:
-        _kernel.proposal_scale(proposal_cov, dimension)
 
     layout = _Layout(mesh, num_chains)
     if mesh is not None:
@@ -917,6 +914,6 @@ def sample(
     run = _Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
     if num_warmup == 0:
         run.parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
-        run.scale = _kernel.proposal_scale(proposal_cov, dimension)
+        run.scale = _kernel.proposal_scale(proposal_cov, _adaptation.flat_dimension(positions))
         run.phase = "sampling"
     return _drive(run, logdensity_fn, layout, checkpoint, progress_bar)
