@@ -15,6 +15,12 @@ its second call then executes the cached program. The plain ``MCMC.run`` second-
 printed too, for information. The ratio of medians is what matters: absolute times drift on
 shared machines, and the two sides are interleaved so that drift affects both alike.
 
+A second part measures the loop carry of vectorized ``MCMC(RWMH)``, the state that NumPyro's
+loop passes from one step to the next (``mcmc.last_state``), on a ``--carry-dimension``-d
+Gaussian with ``--carry-chains`` chains (default 256 and 20): its size in bytes, and how much
+of it is the adaptation state (one copy shared by all chains, or one per chain), and the time
+per vectorized step of ``MCMC.run`` under ``jax.jit``.
+
 Run::
 
     PYTHONPATH=src python benchmarks/numpyro_overhead.py
@@ -27,7 +33,10 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 from numpyro.infer import MCMC
 from numpyro.infer.util import initialize_model
 
@@ -42,6 +51,44 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
+def nbytes(tree) -> int:
+    return sum(int(np.asarray(leaf).nbytes) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def carry_report(num_chains: int, dimension: int, warmup: int, samples: int, repeats: int):
+    """Loop carry of vectorized MCMC(RWMH) on a ``dimension``-d Gaussian, and its step time."""
+    scales = jnp.linspace(0.5, 2.0, dimension)
+
+    def gaussian():
+        numpyro.sample("theta", dist.Normal(0.0, scales).to_event(1))
+
+    mcmc = MCMC(
+        RWMH(gaussian),
+        num_warmup=warmup,
+        num_samples=samples,
+        num_chains=num_chains,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
+
+    @jax.jit
+    def run(key):
+        mcmc.run(key)
+        return mcmc.get_samples(group_by_chain=True), mcmc.last_state
+
+    key = jax.random.key(3)
+    seconds(lambda: run(key))
+    times = [seconds(lambda: run(key)) for _ in range(repeats)]
+    _, state = run(key)
+    total, adapt = nbytes(state), nbytes(state.adapt_state)
+    per_step = statistics.median(times) / (warmup + samples)
+    print(
+        f"vectorized MCMC(RWMH) carry, {num_chains} chains, d = {dimension}: {total} bytes, of "
+        f"which adapt_state {adapt} bytes (its m2 has shape {tuple(state.adapt_state.m2.shape)}); "
+        f"median {per_step * 1e6:.1f} us per step ({warmup} + {samples} steps, {repeats} runs)"
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=1000, help="data points")
@@ -49,6 +96,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs after compiling")
+    parser.add_argument("--carry-chains", type=int, default=256)
+    parser.add_argument("--carry-dimension", type=int, default=20)
     args = parser.parse_args(argv)
 
     x, y = simulate_linear_regression(jax.random.key(0), args.points)
@@ -127,6 +176,7 @@ def main(argv=None):
     for name, means in (("MCMC(RWMH)", numpyro_means), ("rwmh.sample", rwmh_means)):
         listed = ", ".join(f"{k} {v:.3f}" for k, v in means.items())
         print(f"posterior means, {name:11s}: {listed}")
+    carry_report(args.carry_chains, args.carry_dimension, args.warmup, args.samples, args.repeats)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main(argv=None):
         f"adapted step size {float(fields['step_size'][-1]):.3f}, "
         f"mean acceptance probability {float(np.mean(fields['accept_prob'])):.3f}"
     )
-    covariance = np.asarray(mcmc.last_state.adapt_state.proposal_cov[0])
+    covariance = np.asarray(mcmc.last_state.adapt_state.proposal_cov)
     print("adapted proposal covariance (unconstrained intercept, sigma, slope):")
     print(np.array2string(covariance, precision=5))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rwmh
-from rwmh import adaptation
+from rwmh import chains, tuning
 
 DIMENSION = 10
 
@@ -85,7 +85,7 @@ def test_step_size_reaches_the_target_acceptance():
         num_samples=1000,
         progress_bar=False,
     )
-    assert adaptation.default_target_acceptance_rate(1) == pytest.approx(0.44)
+    assert tuning.default_target_acceptance_rate(1) == pytest.approx(0.44)
     assert abs(float(np.mean(result.stats["acceptance_rate"])) - 0.44) < 0.05
     # The adapted proposal sd (step size times sd of the proposal) is near the optimum of
     # about 2.4 target sds (Gelman, Roberts & Gilks 1996), so within a factor 1.5 of it.
@@ -107,11 +107,9 @@ def test_weighted_moments_match_numpy():
     points = points.astype(np.float32).astype(float)
     weights = rng.uniform(size=(3, 10))
     for dense in (True, False):
-        state = adaptation.init(
-            4, jnp.float64 if jax.config.x64_enabled else jnp.float32, dense=dense
-        )
+        state = tuning.init(4, jnp.float64 if jax.config.x64_enabled else jnp.float32, dense=dense)
         for batch, batch_weights in zip(points, weights, strict=True):
-            state = adaptation._accumulate(
+            state = tuning.accumulate(
                 state, jnp.asarray(batch, state.mean.dtype), jnp.asarray(batch_weights)
             )
         flat_points, flat_weights = points.reshape(-1, 4), weights.reshape(-1)
@@ -137,14 +135,14 @@ def test_update_with_one_chain_and_under_vmap():
     positions = jnp.asarray(rng.normal(size=(num_chains, dimension)), jnp.float32)
     proposals = positions + jnp.asarray(rng.normal(size=(num_chains, dimension)), jnp.float32)
     rates = jnp.asarray(rng.uniform(size=num_chains), jnp.float32)
-    schedule = jnp.asarray(adaptation.build_schedule(200))
-    state = adaptation.init(dimension, jnp.float32)
+    schedule = tuning.build_schedule(200)
+    state = tuning.init(dimension, jnp.float32)
 
     @jax.jit
     def run(state, position, proposal, rate):
         # Three steps inside a slow window, the last one ending it.
-        for row in (schedule[75], schedule[76], schedule[99]):
-            state = adaptation.update(state, row, position, proposal, rate, 0.3)
+        for row in (schedule.at(75), schedule.at(76), schedule.at(99)):
+            state = tuning.update(state, row, position, proposal, rate, 0.3)
         return state
 
     one_chain = [
@@ -154,18 +152,18 @@ def test_update_with_one_chain_and_under_vmap():
     states = jax.tree_util.tree_map(lambda x: jnp.stack([x] * num_chains), state)
     batched = jax.vmap(run)(states, positions, proposals, rates)
     for i, single in enumerate(one_chain):
-        for field, a, b in zip(single._fields, single, batched, strict=True):
-            np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6, err_msg=field)
+        leaves = jax.tree_util.tree_leaves_with_path(single)
+        for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(batched), strict=True):
+            np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6, err_msg=str(path))
     # A single chain given without its chain axis, as a vmapped kernel sees it.
     unbatched = run(state, positions[0], proposals[0], rates[0])
     np.testing.assert_allclose(unbatched.proposal_cov, one_chain[0].proposal_cov, rtol=1e-6)
     assert np.isfinite(np.asarray(unbatched.step_size))
     # The pooled update over all chains keeps the public fields the kernel uses.
     pooled = run(state, positions, proposals, rates)
-    assert pooled.step_size.shape == () and pooled.scale.shape == (dimension, dimension)
-    np.testing.assert_allclose(
-        pooled.scale @ pooled.scale.T, pooled.proposal_cov, rtol=1e-4, atol=1e-6
-    )
+    factor = pooled.proposal.factor
+    assert pooled.step_size.shape == () and factor.shape == (dimension, dimension)
+    np.testing.assert_allclose(factor @ factor.T, pooled.proposal_cov, rtol=1e-4, atol=1e-6)
 
 
 def test_stranded_chains_restart_from_others():
@@ -174,7 +172,7 @@ def test_stranded_chains_restart_from_others():
     logdensity = jnp.asarray([0.0, -1.0, -2.0, -1000.0, jnp.nan, -3.0])
     positions = jnp.arange(6.0)[:, None] * jnp.ones((6, 2))
     states = rwmh.RWMHState(positions, logdensity)
-    restarted = adaptation._restart_stragglers(states, 2)
+    restarted = chains.restart_stragglers(states, 2)
     position, restarted_logdensity = np.asarray(restarted.position), restarted.logdensity
     bulk = [0, 1, 2, 5]
     np.testing.assert_array_equal(position[bulk], np.asarray(positions)[bulk])
@@ -185,33 +183,32 @@ def test_stranded_chains_restart_from_others():
         assert float(restarted_logdensity[chain]) == float(logdensity[donor])
     # One chain, or all chains non-finite: nothing to restart from.
     single = rwmh.RWMHState(positions[:1], jnp.asarray([-5.0]))
-    np.testing.assert_array_equal(
-        adaptation._restart_stragglers(single, 2).position, single.position
-    )
+    np.testing.assert_array_equal(chains.restart_stragglers(single, 2).position, single.position)
     lost = rwmh.RWMHState(positions[:2], jnp.asarray([-jnp.inf, jnp.nan]))
-    np.testing.assert_array_equal(adaptation._restart_stragglers(lost, 2).position, positions[:2])
+    np.testing.assert_array_equal(chains.restart_stragglers(lost, 2).position, positions[:2])
 
 
 # --- the schedule and the compiled loop -----------------------------------------------------
 
 
 def test_schedule_windows():
-    schedule = adaptation.build_schedule(1000)
-    assert schedule.shape == (1000, 4)
-    ends = list(np.flatnonzero(schedule[:, 1]) + 1)
+    schedule = tuning.build_schedule(1000)
+    table = np.stack(schedule, axis=1)
+    assert table.shape == (1000, 4) and schedule.num_steps == 1000
+    ends = list(np.flatnonzero(schedule.window_end) + 1)
     assert ends == [100, 150, 250, 450, 950]
-    assert not schedule[:75].any() and not schedule[950:].any()
-    assert schedule[75:950, 0].all()
+    assert not table[:75].any() and not table[950:].any()
+    assert schedule.slow_window[75:950].all()
     # Refreshes fall strictly inside windows, every 25 steps.
-    refreshes = np.flatnonzero(schedule[:, 2]) + 1
-    assert not (schedule[refreshes - 1, 1]).any()
+    refreshes = np.flatnonzero(schedule.refresh) + 1
+    assert not (schedule.window_end[refreshes - 1]).any()
     assert set(np.diff(refreshes)) <= {25, 50, 75}
     # Short warmups: buffers scale down, very short ones adapt only the step size.
-    assert adaptation.build_schedule(100)[:, 0].sum() == 100 - 15 - 10
-    assert not adaptation.build_schedule(19).any()
-    assert adaptation.build_schedule(0).shape == (0, 4)
+    assert tuning.build_schedule(100).slow_window.sum() == 100 - 15 - 10
+    assert not np.stack(tuning.build_schedule(19)).any()
+    assert tuning.build_schedule(0).num_steps == 0
     # Stranded chains restart at every window end but the last.
-    assert list(np.flatnonzero(schedule[:, 3]) + 1) == [100, 150, 250, 450]
+    assert list(np.flatnonzero(schedule.restart) + 1) == [100, 150, 250, 450]
 
 
 def test_warmup_compiles_once():
@@ -219,19 +216,21 @@ def test_warmup_compiles_once():
     warmup = rwmh.window_adaptation(rotated_logdensity)
     initial = jnp.zeros((4, DIMENSION))
     warmup.run(jax.random.key(0), initial, 300)
-    size = adaptation.run_warmup._cache_size()
+    size = chains.run_warmup._cache_size()
     warmup.run(jax.random.key(1), initial + 0.5, 300)
-    assert adaptation.run_warmup._cache_size() == size
-    # Other window lengths, same number of steps: still no new compilation.
-    states, adapt = adaptation.initial_state(rotated_logdensity, initial)
-    other = adaptation.build_schedule(300, initial_buffer=20, first_window=60)
-    keys = adaptation.chain_keys(jax.random.key(2), 4)
+    assert chains.run_warmup._cache_size() == size
+    # Other windows, same number of steps: still no new compilation.
+    states, adapt = chains.initial_state(rotated_logdensity, initial)
+    other = tuning.build_schedule(300, refresh_interval=10)._replace(
+        slow_window=np.roll(tuning.build_schedule(300).slow_window, -30)
+    )
+    keys = chains.chain_keys(jax.random.key(2), 4)
     steps = np.arange(300, dtype=np.uint32)
-    adaptation.run_warmup(rotated_logdensity, None, keys, states, adapt, steps, other)
-    assert adaptation.run_warmup._cache_size() == size
+    chains.run_warmup(rotated_logdensity, None, keys, states, adapt, steps, other)
+    assert chains.run_warmup._cache_size() == size
     # And through rwmh.sample, whose warmup is the same compiled function.
     rwmh.sample(jax.random.key(3), rotated_logdensity, initial, 10, 300, progress_bar=False)
-    assert adaptation.run_warmup._cache_size() == size
+    assert chains.run_warmup._cache_size() == size
 
 
 def test_adaptation_stops_after_warmup():
@@ -282,7 +281,7 @@ def test_negative_num_steps():
     with pytest.raises(ValueError, match="num_steps"):
         warmup.run(jax.random.key(0), jnp.zeros((2, DIMENSION)), -1)
     with pytest.raises(ValueError, match="num_steps"):
-        adaptation.build_schedule(-5)
+        tuning.build_schedule(-5)
     with pytest.raises(ValueError, match="num_warmup"):
         rwmh.sample(
             jax.random.key(0),

@@ -205,7 +205,7 @@ def _arviz_1_module():
 @pytest.mark.filterwarnings("error::UserWarning")
 def test_real_arviz_1_path(monkeypatch):
     module = _arviz_1_module()
-    monkeypatch.setattr(rwmh_arviz, "_import_arviz", lambda: module)
+    monkeypatch.setattr(rwmh_arviz, "import_arviz", lambda: module)
     idata = rwmh.to_inference_data(
         {"mu": draws(), "theta": draws(4)}, stats(), dims={"theta": ["school"]}
     )

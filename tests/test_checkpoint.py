@@ -15,7 +15,7 @@ import scale_worker
 from _scale_helpers import interrupt_on_call, start_worker
 
 import rwmh
-from rwmh import checkpoint, sampling
+from rwmh import chains, checkpoint
 
 RUN = dict(num_samples=40, num_warmup=60, chunk_size=20, progress_bar=False)
 
@@ -52,7 +52,7 @@ def _interrupted_run(monkeypatch, path, module, name, call):
 
 
 @pytest.mark.parametrize(
-    "module, name, call", [(sampling, "run_sampling", 2), (rwmh.adaptation, "run_warmup", 2)]
+    "module, name, call", [(chains, "run_sampling", 2), (chains, "run_warmup", 2)]
 )
 def test_resume_after_interrupt_equals_uninterrupted(
     monkeypatch, tmp_path, reference, module, name, call

@@ -24,7 +24,7 @@ from numpyro.infer import MCMC
 from scipy import stats
 
 import rwmh
-from rwmh import adaptation
+from rwmh import tuning
 from rwmh.numpyro import RWMH
 
 #: Side of the grid cells that the NaN holes are made of (a power of two: exact cell indices).
@@ -398,18 +398,18 @@ def test_sample_recovers_from_a_step_size_that_overflows_proposals():
 
 
 def test_update_ignores_an_infinite_proposal_of_weight_zero():
-    """``adaptation.update`` given a proposal at +-inf with acceptance 0 (its weight): the
+    """``tuning.update`` given a proposal at +-inf with acceptance 0 (its weight): the
     window's moments stay finite and equal those without that proposal."""
-    schedule = jnp.asarray(adaptation.build_schedule(200))
+    row = tuning.build_schedule(200).at(80)
     positions = jnp.array([[0.0, 1.0], [2.0, -1.0], [1.0, 0.5]])
     finite = positions + 0.5
     proposals = finite.at[1].set(jnp.array([jnp.inf, -jnp.inf]))
     rates = jnp.array([0.5, 0.0, 0.25])
-    update = jax.jit(adaptation.update, static_argnums=5)
+    update = jax.jit(tuning.update, static_argnums=5)
     for dense in (True, False):
-        state = adaptation.init(2, jnp.float32, dense=dense)
-        faulty = update(state, schedule[80], positions, proposals, rates, 0.3)
-        clean = update(state, schedule[80], positions, finite, rates, 0.3)
+        state = tuning.init(2, jnp.float32, dense=dense)
+        faulty = update(state, row, positions, proposals, rates, 0.3)
+        clean = update(state, row, positions, finite, rates, 0.3)
         for name in ("weight", "mean", "m2"):
             value = np.asarray(getattr(faulty, name))
             assert np.all(np.isfinite(value)), (name, dense)
@@ -436,10 +436,9 @@ def assert_numpyro_healthy(mcmc, logdensity_fn, positions):
     fields = mcmc.get_extra_fields(group_by_chain=True)
     lp = -np.asarray(fields["potential_energy"])
     assert_healthy(positions, lp, np.asarray(fields["accept_prob"]), logdensity_fn)
+    # Vectorized: one adaptation state shared by all chains.
     adapt = mcmc.last_state.adapt_state
-    assert_parameters_valid(
-        {"step_size": adapt.step_size[0], "proposal_cov": adapt.proposal_cov[0]}
-    )
+    assert_parameters_valid({"step_size": adapt.step_size, "proposal_cov": adapt.proposal_cov})
     for name in ("mean", "m2", "previous_mean", "previous_m2"):
         assert np.all(np.isfinite(np.asarray(getattr(adapt, name)))), name
 
@@ -472,5 +471,5 @@ def test_numpyro_recovers_from_a_step_size_that_overflows_proposals():
     )
     draws = np.asarray(mcmc.get_samples(group_by_chain=True))
     assert_numpyro_healthy(mcmc, standard_normal, draws)
-    assert float(mcmc.last_state.adapt_state.step_size[0]) < 10.0
+    assert float(mcmc.last_state.adapt_state.step_size) < 10.0
     assert np.mean(mcmc.get_extra_fields()["accept_prob"]) > 0.1

@@ -36,17 +36,23 @@ def test_split_rhat_matches_the_textbook_formula():
     assert progress.split_rhat(draws) == pytest.approx(textbook_split_rhat(draws), rel=1e-10)
 
 
-def test_split_rhat_from_many_chunks_equals_two_halves():
-    # Chunks pooled with Chan's formula give the same halves as splitting the draws directly.
+def test_bar_rhat_is_split_rhat_of_its_thinned_draws():
+    # Chunks of up to RHAT_DRAWS_PER_CHUNK draws are kept whole; longer ones are thinned, and
+    # beyond RHAT_MAX_DRAWS every other draw is dropped. R-hat is that of the draws kept.
     rng = np.random.default_rng(1)
     draws = rng.normal(size=(600, 3, 2)) * np.array([1.0, 2.0]) + np.array([0.0, 5.0])
-    assert progress.split_rhat(draws, num_chunks=6) == pytest.approx(
-        textbook_split_rhat(draws), rel=1e-9
-    )
-    # With an odd number of chunks the oldest chunk is left out.
-    assert progress.split_rhat(draws, num_chunks=3) == pytest.approx(
-        textbook_split_rhat(draws[200:]), rel=1e-9
-    )
+    bar = progress.ProgressBar(file=io.StringIO())
+    bar.start("sampling", 600)
+    for chunk in np.split(draws, 6):
+        bar.update(100, np.full((100, 3), 0.3), chunk)
+    assert bar.rhat == pytest.approx(textbook_split_rhat(draws), rel=1e-9)
+    long = rng.normal(size=(1200 * progress.RHAT_DRAWS_PER_CHUNK, 3, 2))
+    bar.start("sampling", long.shape[0])
+    for chunk in np.split(long, 12):
+        bar.update(chunk.shape[0], np.full((chunk.shape[0], 3), 0.3), chunk)
+    kept = long[:: 100 * 2]  # 100 evenly spaced per chunk, then every other one
+    assert bar.rhat == pytest.approx(progress.split_rhat(kept), rel=1e-9)
+    bar.close()
 
 
 def test_split_rhat_flags_disagreeing_and_drifting_chains():
@@ -63,7 +69,7 @@ def test_split_rhat_flags_disagreeing_and_drifting_chains():
 
 
 def test_split_rhat_undefined_is_nan():
-    assert np.isnan(progress.split_rhat(np.zeros((2, 4, 1)), num_chunks=2))
+    assert np.isnan(progress.split_rhat(np.zeros((2, 4, 1))))
     assert np.isnan(progress.split_rhat(np.ones((100, 4, 1))))  # no chain moves
 
 

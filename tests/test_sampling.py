@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rwmh
-from rwmh import sampling
+from rwmh import chains
 
 
 def standard_normal(x):
@@ -83,12 +83,12 @@ def test_second_call_with_the_same_logdensity_does_not_compile_again():
 
     kwargs = dict(num_samples=30, num_warmup=40, progress_bar=False)
     rwmh.sample(jax.random.key(4), logdensity, jnp.zeros((4, 2)), **kwargs)
-    sizes = (sampling.run_sampling._cache_size(), rwmh.adaptation.run_warmup._cache_size())
+    sizes = (chains.run_sampling._cache_size(), chains.run_warmup._cache_size())
     again = rwmh.sample(jax.random.key(5), logdensity, jnp.ones((4, 2)), **kwargs)
     assert again.positions.shape == (4, 30, 2)
     assert (
-        sampling.run_sampling._cache_size(),
-        rwmh.adaptation.run_warmup._cache_size(),
+        chains.run_sampling._cache_size(),
+        chains.run_warmup._cache_size(),
     ) == sizes
 
 

@@ -16,7 +16,7 @@ import scale_worker
 from _scale_helpers import interrupt_on_call, run_worker
 
 import rwmh
-from rwmh import sampling
+from rwmh import chains
 
 # thin=3 and chunks of 10 throughout, so that the tests share compiled code.
 RUN = dict(num_samples=30, num_warmup=60, thin=3, progress_bar=False)
@@ -122,7 +122,7 @@ def test_ctrl_c_returns_the_completed_draws(monkeypatch):
     positions = scale_worker.initial_gaussian(4)
     logdensity = scale_worker.gaussian_logdensity
     whole = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
-    interrupt_on_call(monkeypatch, sampling, "run_sampling", 3)
+    interrupt_on_call(monkeypatch, chains, "run_sampling", 3)
     with pytest.warns(RuntimeWarning, match="interrupted"):
         partial = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
     assert partial.extra["interrupted"] is True
@@ -137,7 +137,7 @@ def test_ctrl_c_returns_the_completed_draws(monkeypatch):
 def test_ctrl_c_during_warmup_keeps_the_warmup_trace(monkeypatch):
     positions = scale_worker.initial_gaussian(4)
     logdensity = scale_worker.gaussian_logdensity
-    interrupt_on_call(monkeypatch, rwmh.adaptation, "run_warmup", 2)
+    interrupt_on_call(monkeypatch, chains, "run_warmup", 2)
     with pytest.warns(RuntimeWarning, match="interrupted"):
         partial = rwmh.sample(jax.random.key(2), logdensity, positions, chunk_size=10, **RUN)
     assert partial.num_draws == 0
@@ -147,7 +147,7 @@ def test_ctrl_c_during_warmup_keeps_the_warmup_trace(monkeypatch):
 
 def test_failure_mid_run_carries_the_completed_draws(monkeypatch):
     positions = scale_worker.initial_gaussian(4)
-    original = sampling.run_sampling
+    original = chains.run_sampling
     calls = []
 
     def failing(*args, **kwargs):
@@ -156,7 +156,7 @@ def test_failure_mid_run_carries_the_completed_draws(monkeypatch):
             raise RuntimeError("device lost")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "run_sampling", failing)
+    monkeypatch.setattr(chains, "run_sampling", failing)
     with pytest.raises(RuntimeError, match="device lost") as raised:
         rwmh.sample(
             jax.random.key(2), scale_worker.gaussian_logdensity, positions, chunk_size=10, **RUN

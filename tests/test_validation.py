@@ -17,7 +17,7 @@ import pytest
 from numpyro.infer import MCMC
 
 import rwmh
-from rwmh import adaptation, cli, sampling
+from rwmh import chains, cli
 from rwmh.numpyro import RWMH
 
 
@@ -40,7 +40,7 @@ RUN = dict(num_samples=10, num_warmup=10, progress_bar=False)
 
 
 def compiled_loops() -> tuple[int, int]:
-    return adaptation.run_warmup._cache_size(), sampling.run_sampling._cache_size()
+    return chains.run_warmup._cache_size(), chains.run_sampling._cache_size()
 
 
 # --- rwmh.random_walk and its init / step ------------------------------------------------------

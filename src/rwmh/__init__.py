@@ -2,7 +2,7 @@
 
 A vmapped RWMH kernel with BlackJAX's ``init``/``step`` interface, warmup that adapts the step
 size and proposal covariance with statistics pooled across chains, a multi-chain driver, a
-NumPyro ``MCMCKernel`` and ArviZ output.
+NumPyro ``MCMCKernel`` and ArviZ output. ``docs/architecture.md`` maps the modules.
 """
 
 from rwmh.adaptation import window_adaptation

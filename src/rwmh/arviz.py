@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["to_inference_data", "plot_trace", "STAT_NAMES"]
+__all__ = ["to_inference_data", "plot_trace", "import_arviz", "STAT_NAMES"]
 
 #: Names other samplers (and older rwmh code) give to statistics, mapped to ArviZ's names.
 #: NumPyro's ``potential_energy`` is the negative log density, so it is negated on the way.
@@ -31,7 +31,7 @@ STAT_NAMES = {
 _NEGATED_STATS = {"potential_energy": "lp"}
 
 
-def _import_arviz():
+def import_arviz():
     """Import ArviZ without its 0.2x banner (a ``FutureWarning`` about the 1.0 refactor),
     which would otherwise be printed in the middle of every command-line run."""
     with warnings.catch_warnings():
@@ -43,7 +43,7 @@ def _import_arviz():
 
 def arviz_major_version(arviz_module=None) -> int:
     """The major version of ArviZ (0 or 1), read from ``arviz.__version__``."""
-    arviz_module = arviz_module or _import_arviz()
+    arviz_module = arviz_module or import_arviz()
     return int(str(arviz_module.__version__).split(".")[0])
 
 
@@ -53,7 +53,7 @@ def _from_dict(groups: dict, *, coords, dims, attrs, arviz_module=None):
     ``arviz_module`` is any module exposing ArviZ's ``from_dict`` and ``__version__`` (``arviz``
     itself, or ``arviz_base``, which is what ArviZ 1.x re-exports); None imports ``arviz``.
     """
-    az = arviz_module or _import_arviz()
+    az = arviz_module or import_arviz()
     if arviz_major_version(az) >= 1 or not hasattr(az, "InferenceData"):
         # ArviZ >= 1 (arviz_base): groups in one mapping, attrs per group ("/" is the root),
         # result is an xarray.DataTree.
@@ -65,18 +65,6 @@ def _from_dict(groups: dict, *, coords, dims, attrs, arviz_module=None):
     return az.from_dict(**groups, coords=coords, dims=dims, attrs=dict(attrs), **group_attrs)
 
 
-def _key_name(key) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return str(key.name)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
 def _leaf_names(positions, var_name: str) -> tuple[list[str], list]:
     """Names and leaves of a PyTree of draws, in ``jax.tree_util`` order.
 
@@ -84,12 +72,14 @@ def _leaf_names(positions, var_name: str) -> tuple[list[str], list]:
     ones joined with ``"."``; tuple and list items are numbered, ``f"{var_name}_{i}"`` at the
     top level and ``f"{parent}_{i}"`` below a named node.
     """
+    # Each key's own name is jax's (``keystr(..., simple=True)``); joining them is ours, because
+    # ``keystr`` numbers sequence items as path parts ("x.0") where ArviZ variables read "x_0".
     with_paths, _ = jax.tree_util.tree_flatten_with_path(positions)
     names, leaves = [], []
     for path, leaf in with_paths:
         name = ""
         for key in path:
-            part = _key_name(key)
+            part = jax.tree_util.keystr((key,), simple=True)
             if isinstance(key, jax.tree_util.SequenceKey):
                 name = f"{name or var_name}_{part}"
             else:

@@ -10,8 +10,9 @@ Writes are atomic: the archive is written to a temporary file in the destination
 flushed and ``fsync``-ed, then moved over the destination with ``os.replace``. A process killed at
 any moment therefore leaves either the previous checkpoint or the new one, never half a file.
 
-This module knows the file format only; :func:`rwmh.sample` decides what goes in it and
-:func:`rwmh.resume` continues a run from it.
+The format (:func:`write`, :func:`read`, :func:`encode_tree`, :func:`decode_tree`) knows
+nothing of runs; the schema (:func:`save`, :func:`load`) says which arrays and metadata of a
+:class:`rwmh.run.Run` go in, under which names, and checks them on the way back.
 """
 
 from __future__ import annotations
@@ -22,9 +23,25 @@ import tempfile
 import zipfile
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FORMAT", "VERSION", "check_path", "read", "write", "encode_tree", "decode_tree"]
+from rwmh import tuning
+from rwmh.kernel import FactoredCov, RWMHState
+from rwmh.run import PHASES, Run, Settings
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "check_path",
+    "read",
+    "write",
+    "encode_tree",
+    "decode_tree",
+    "save",
+    "load",
+]
 
 #: Value of ``metadata["format"]``, which tells an rwmh checkpoint from any other ``.npz``.
 FORMAT = "rwmh-checkpoint"
@@ -187,3 +204,144 @@ def decode_tree(structure, leaves: list):
         items = [decode_tree(item, leaves) for item in content]
         return items if kind == "list" else tuple(items)
     raise ValueError(f"unknown node {kind!r} in the position structure")
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema: a run in a checkpoint.
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_record(rng_key) -> tuple[dict, np.ndarray]:
+    if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+        return {"typed": True, "impl": str(jax.random.key_impl(rng_key))}, np.asarray(
+            jax.random.key_data(rng_key)
+        )
+    return {"typed": False}, np.asarray(rng_key)
+
+
+def _adapt_arrays(adapt: tuning.AdaptationState) -> dict:
+    """The adaptation state under its names in the file (the covariance and its factor as
+    ``proposal_cov`` and ``scale``)."""
+    values = adapt._asdict()
+    proposal = values.pop("proposal")
+    values.update(proposal_cov=proposal.covariance, scale=proposal.factor)
+    return {f"adapt/{name}": value for name, value in values.items()}
+
+
+def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) -> None:
+    """Write ``run`` to ``path`` atomically; ``states`` and ``adapt`` are its chain and
+    adaptation states as host arrays (the caller gathers them from the devices)."""
+    structure, position_leaves = encode_tree(states.position)
+    key_meta, key_data = _key_record(run.rng_key)
+    arrays = {"rng_key": key_data, "state/logdensity": states.logdensity}
+    arrays.update({f"state/position/{i}": leaf for i, leaf in enumerate(position_leaves)})
+    arrays.update(_adapt_arrays(adapt))
+    optional = {}
+    if run.parameters is not None:
+        optional["parameters/step_size"] = run.parameters["step_size"]
+        optional["parameters/proposal_cov"] = run.parameters["proposal_cov"]
+        optional["parameters/scale"] = run.proposal.factor
+    warmup, completed = run.completed()
+    if warmup is not None:
+        optional["warmup/acceptance_rate"], optional["warmup/step_size"] = warmup
+    if completed is not None:
+        draws, stats = completed
+        _, draw_leaves = encode_tree(draws)
+        optional.update({f"draws/position/{i}": leaf for i, leaf in enumerate(draw_leaves)})
+        optional.update({f"draws/stats/{name}": value for name, value in stats.items()})
+    present = sorted(name for name, value in optional.items() if value is not None)
+    arrays.update({name: np.asarray(optional[name]) for name in present})
+    metadata = {
+        "settings": run.settings.to_dict(),
+        "phase": run.phase,
+        "next_step": run.next_step,
+        "position_structure": structure,
+        "rng_key": key_meta,
+        "optional": present,
+    }
+    write(path, metadata, arrays)
+
+
+def load(path) -> Run:
+    """Read a checkpoint into a :class:`rwmh.run.Run` with host arrays; ``ValueError`` naming
+    ``path`` if it is unreadable or inconsistent."""
+    metadata, arrays = read(path)
+
+    def fail(what):
+        return ValueError(f"checkpoint {path!r} is inconsistent: {what}.")
+
+    try:
+        settings = Settings.from_dict(metadata["settings"])
+        num_chains = settings.num_chains
+        phase, next_step = metadata["phase"], int(metadata["next_step"])
+        structure = metadata["position_structure"]
+        key_meta = metadata["rng_key"]
+        optional = set(metadata["optional"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise fail(f"its metadata lacks or garbles {error}") from None
+    if phase not in PHASES:
+        raise fail(f"unknown phase {phase!r}")
+
+    def array(name):
+        if name not in arrays:
+            raise fail(f"array {name!r} is missing")
+        return arrays[name]
+
+    num_leaves = sum(1 for name in arrays if name.startswith("state/position/"))
+    try:
+        position = decode_tree(structure, [array(f"state/position/{i}") for i in range(num_leaves)])
+    except (ValueError, TypeError, IndexError, AttributeError) as error:
+        raise fail(f"its position structure is invalid ({error})") from None
+    states = RWMHState(position, array("state/logdensity"))
+    for leaf in jax.tree_util.tree_leaves(states):
+        if np.shape(leaf)[:1] != (num_chains,):
+            raise fail(f"a state array has shape {np.shape(leaf)}, not ({num_chains}, ...)")
+    fields = {
+        name: array(f"adapt/{name}")
+        for name in tuning.AdaptationState._fields
+        if name != "proposal"
+    }
+    proposal = FactoredCov(array("adapt/proposal_cov"), array("adapt/scale"))
+    adapt = tuning.AdaptationState(proposal=proposal, **fields)
+    if key_meta.get("typed"):
+        rng_key = jax.random.wrap_key_data(array("rng_key"), impl=key_meta["impl"])
+    else:
+        rng_key = jnp.asarray(array("rng_key"))
+
+    run = Run(settings, rng_key, phase, next_step, states, adapt)
+    if "parameters/step_size" in optional:
+
+        def optional_array(name):
+            return jnp.asarray(array(name)) if name in optional else None
+
+        proposal_cov = optional_array("parameters/proposal_cov")
+        run.parameters = {
+            "step_size": jnp.asarray(array("parameters/step_size")),
+            "proposal_cov": proposal_cov,
+        }
+        run.proposal = FactoredCov(proposal_cov, optional_array("parameters/scale"))
+    elif phase != "warmup":
+        raise fail(f"phase {phase!r} without sampling parameters")
+    if "warmup/acceptance_rate" in optional:
+        info = tuning.AdaptationInfo(array("warmup/acceptance_rate"), array("warmup/step_size"))
+        done = settings.num_warmup if phase != "warmup" else next_step
+        if info.acceptance_rate.shape != (done, num_chains):
+            raise fail(
+                f"warmup trace has shape {info.acceptance_rate.shape}, expected "
+                f"({done}, {num_chains})"
+            )
+        run.store_warmup(tuple(info), 0)
+    if "draws/position/0" in optional:
+        draws = decode_tree(structure, [array(f"draws/position/{i}") for i in range(num_leaves)])
+        stats = {
+            name: array(f"draws/stats/{name}") for name in ("acceptance_rate", "is_accepted", "lp")
+        }
+        done = settings.num_samples if phase == "done" else next_step
+        for leaf in jax.tree_util.tree_leaves((draws, stats)):
+            if np.shape(leaf)[:2] != (num_chains, done):
+                expected = f"({num_chains}, {done}, ...)"
+                raise fail(f"a draws array has shape {np.shape(leaf)}, not {expected}")
+        run.store_draws(jax.tree_util.tree_map(lambda x: np.swapaxes(x, 0, 1), (draws, stats)), 0)
+    elif phase == "done" or (phase == "sampling" and next_step > 0):
+        raise fail("the draws are missing")
+    return run

@@ -14,7 +14,6 @@ this is a tool for people, and a traceback hides the one thing they need to fix.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -97,67 +96,81 @@ def read_xy(path: str, x_column: str = "x", y_column: str = "y"):
     array([1., 3., 5.])
     """
     import numpy as np
+    import pandas as pd
 
     if not os.path.exists(path):
         raise InputError(f"CSV file {path!r} does not exist")
     if os.path.isdir(path):
         raise InputError(f"CSV file {path!r} is a directory")
     try:
+        # pandas parses; this function only turns its failures and the values into one-line
+        # messages. Every cell is read as text, the header row included (as row 0, so that
+        # pandas does not rename blank or repeated names) and blank lines kept, so that row i
+        # of the frame is line i + 1 of the file and a message can name the line.
         # utf-8-sig: spreadsheets often start a CSV with a byte-order mark.
-        with open(path, newline="", encoding="utf-8-sig") as file:
-            rows = list(csv.reader(file))
+        frame = pd.read_csv(
+            path,
+            header=None,
+            dtype=str,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            encoding="utf-8-sig",
+        )
+    except pd.errors.EmptyDataError:
+        frame = None
     except OSError as error:
         raise InputError(f"cannot read CSV file {path!r}: {error.strerror}") from None
     except UnicodeDecodeError:
         raise InputError(f"CSV file {path!r} is not UTF-8 text") from None
-    except csv.Error as error:
-        raise InputError(f"CSV file {path!r} is not valid CSV: {error}") from None
-    if not rows or not any(cell.strip() for cell in rows[0]):
+    except pd.errors.ParserError as error:
+        message = str(error).strip().splitlines()[-1]
+        raise InputError(f"CSV file {path!r} is not valid CSV: {message}") from None
+    cells = None if frame is None else frame.fillna("").apply(lambda column: column.str.strip())
+    header = [] if cells is None else list(cells.iloc[0])
+    if not any(header):
         raise InputError(f"CSV file {path!r} is empty; it needs a header row naming the columns")
-    header = [name.strip() for name in rows[0]]
-    columns = {}
     for option, name in (("--x", x_column), ("--y", y_column)):
         if name not in header:
             raise InputError(
                 f"column {name!r} ({option}) not found in {path!r}; columns are: "
                 + ", ".join(repr(h) for h in header)
             )
-        columns[name] = header.index(name)
+    cells = cells.iloc[1:]
     # Blank lines carry no data; skipping them keeps a trailing newline from being an error.
-    data_rows = [
-        (number, row)
-        for number, row in enumerate(rows[1:], start=2)
-        if any(cell.strip() for cell in row)
-    ]
-    values = {name: [] for name in columns}
-    for line, row in data_rows:
-        for name, index in columns.items():
-            cell = row[index].strip() if index < len(row) else ""
-            if not cell:
-                raise InputError(f"column {name!r} in {path!r} has an empty value on line {line}")
-            try:
-                value = float(cell)
-            except ValueError:
-                raise InputError(
-                    f"column {name!r} in {path!r} is not numeric: {cell!r} on line {line}"
-                ) from None
-            if not math.isfinite(value):
-                raise InputError(
-                    f"column {name!r} in {path!r} has a non-finite value {cell!r} on line {line}"
-                )
-            if abs(value) > FLOAT32_MAX:
-                # JAX computes in float32 by default, where this value would become infinite.
-                raise InputError(
-                    f"column {name!r} in {path!r} has a value beyond float32 range {cell!r} on "
-                    f"line {line}; rescale the column"
-                )
-            values[name].append(value)
-    if len(data_rows) < MIN_ROWS:
+    cells = cells[(cells != "").any(axis=1)]
+    values = {}
+    for name in (x_column, y_column):
+        column = cells.iloc[:, header.index(name)]
+        values[name] = [_parse_cell(cell, name, path, index + 1) for index, cell in column.items()]
+    if len(cells) < MIN_ROWS:
         raise InputError(
-            f"CSV file {path!r} has {len(data_rows)} data row(s); at least {MIN_ROWS} are "
+            f"CSV file {path!r} has {len(cells)} data row(s); at least {MIN_ROWS} are "
             "needed to fit intercept, slope and sigma"
         )
-    return np.asarray(values[x_column]), np.asarray(values[y_column])
+    return np.asarray(values[x_column], float), np.asarray(values[y_column], float)
+
+
+def _parse_cell(cell: str, name: str, path: str, line: int) -> float:
+    """A CSV cell as a finite number within float32 range; ``InputError`` naming the line."""
+    if not cell:
+        raise InputError(f"column {name!r} in {path!r} has an empty value on line {line}")
+    try:
+        value = float(cell)
+    except ValueError:
+        raise InputError(
+            f"column {name!r} in {path!r} is not numeric: {cell!r} on line {line}"
+        ) from None
+    if not math.isfinite(value):
+        raise InputError(
+            f"column {name!r} in {path!r} has a non-finite value {cell!r} on line {line}"
+        )
+    if abs(value) > FLOAT32_MAX:
+        # JAX computes in float32 by default, where this value would become infinite.
+        raise InputError(
+            f"column {name!r} in {path!r} has a value beyond float32 range {cell!r} on "
+            f"line {line}; rescale the column"
+        )
+    return value
 
 
 def fit_regression(
@@ -192,21 +205,18 @@ def fit_regression(
     """
     import jax
     import jax.numpy as jnp
-    from numpyro.infer.util import initialize_model
 
     import rwmh
     from rwmh.models import linear_regression
+    from rwmh.numpyro import initialize
 
     x, y = jnp.asarray(x, dtype=float), jnp.asarray(y, dtype=float)
     rng_key = jax.random.PRNGKey(seed)
     init_key, sample_key = jax.random.split(rng_key)
     try:
         # A batch of keys gives a batch of initial points, one per chain.
-        init_params, potential_fn, postprocess_fn, _ = initialize_model(
-            jax.random.split(init_key, num_chains),
-            linear_regression,
-            model_args=(x, y),
-            validate_grad=False,  # RWMH never differentiates the potential
+        init_params, potential_fn_gen, postprocess_fn_gen = initialize(
+            jax.random.split(init_key, num_chains), linear_regression, (x, y)
         )
     except (RuntimeError, ValueError) as error:
         # NumPyro raises these when no starting point has a finite log density, which with
@@ -215,6 +225,9 @@ def fit_regression(
             "the model's log density is not finite at any starting point; rescale x and y "
             f"(NumPyro: {str(error).splitlines()[0]})"
         ) from None
+
+    potential_fn = potential_fn_gen(x, y)
+    postprocess_fn = postprocess_fn_gen(x, y)
 
     def logdensity(position):
         return -potential_fn(position)
@@ -236,9 +249,9 @@ def fit_regression(
 
 def _summary(idata):
     """ArviZ's summary (mean, sd, HDI, MCSE, ESS, R-hat) as a data frame, for ArviZ 0.x or 1.x."""
-    from rwmh.arviz import _import_arviz, arviz_major_version
+    from rwmh.arviz import arviz_major_version, import_arviz
 
-    az = _import_arviz()
+    az = import_arviz()
     names = list(REGRESSION_VARIABLES)
     if arviz_major_version(az) >= 1:
         # ArviZ 1.x defaults to equal-tailed intervals; ask for the HDI that 0.x prints.

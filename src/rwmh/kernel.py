@@ -16,8 +16,11 @@ in log space, ``log u < log pi(x') - log pi(x)``, and a proposal whose log densi
 infinite is always rejected, so a log density that returns ``-inf`` (or NaN) outside its
 support confines the chain to the support.
 
-The factor :math:`L` is computed once, when the algorithm is built (:func:`random_walk`) or
-by :func:`proposal_scale`, and never per step.
+The factor :math:`L` is computed once when the algorithm is built (:func:`random_walk`) or
+by :func:`factor_proposal_cov`, whose :class:`FactoredCov` the low-level kernel then uses as
+it is. Given a plain covariance array, the low-level kernel validates and factors it on every
+call (a Cholesky factorisation per step for a dense matrix): pass a :class:`FactoredCov` to
+avoid that.
 
 References
 ----------
@@ -39,7 +42,7 @@ import numpy as np
 from blackjax.base import SamplingAlgorithm
 from jax.flatten_util import ravel_pytree
 
-from rwmh import _checks
+from rwmh import checks
 
 __all__ = [
     "RWMHState",
@@ -47,6 +50,8 @@ __all__ = [
     "init",
     "build_kernel",
     "random_walk",
+    "FactoredCov",
+    "factor_proposal_cov",
     "proposal_scale",
 ]
 
@@ -104,7 +109,23 @@ def _check_scalar_logdensity(logdensity: Array) -> Array:
     return logdensity
 
 
-def init(position: ArrayLikeTree, logdensity_fn: Callable, rng_key: PRNGKey | None = None):
+class FactoredCov(NamedTuple):
+    """A proposal covariance together with its factor, so that it is factored once.
+
+    covariance
+        None (identity), ``(d,)`` variances or a ``(d, d)`` covariance matrix.
+    factor
+        Its ``L`` with ``L @ L.T == covariance``: None, the standard deviations, or the lower
+        Cholesky factor (see :func:`factor_covariance`).
+
+    Made by :func:`factor_proposal_cov`; a PyTree, so it passes through ``jit`` and ``scan``.
+    """
+
+    covariance: Array | None
+    factor: Array | None
+
+
+def init(position: ArrayLikeTree, logdensity_fn: Callable):
     """Create the state of one chain at ``position``.
 
     Parameters
@@ -113,8 +134,6 @@ def init(position: ArrayLikeTree, logdensity_fn: Callable, rng_key: PRNGKey | No
         The initial position, any PyTree of arrays.
     logdensity_fn
         The log density of the target, a function of one position returning a scalar.
-    rng_key
-        Unused; accepted so that the function fits BlackJAX's ``init(position, rng_key)``.
 
     Returns
     -------
@@ -127,12 +146,11 @@ def init(position: ArrayLikeTree, logdensity_fn: Callable, rng_key: PRNGKey | No
     >>> float(state.logdensity)
     -0.0
     """
-    del rng_key
-    _checks.check_callable(logdensity_fn)
-    _checks.check_float_positions(position, "position", batched=False)
+    checks.check_callable(logdensity_fn)
+    checks.check_float_positions(position, "position", batched=False)
     position = jax.tree_util.tree_map(jnp.asarray, position)
     logdensity = _check_scalar_logdensity(logdensity_fn(position))
-    _checks.check_finite_logdensity(logdensity, "position", batched=False)
+    checks.check_finite_logdensity(logdensity, "position", batched=False)
     return RWMHState(position, logdensity)
 
 
@@ -202,6 +220,25 @@ def proposal_scale(
     return lower
 
 
+def factor_proposal_cov(
+    proposal_cov: ArrayLike | None, dimension: int | None = None, name: str = "proposal_cov"
+) -> FactoredCov:
+    """Validate ``proposal_cov`` (as :func:`proposal_scale`) and pair it with its factor.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from rwmh.kernel import factor_proposal_cov
+    >>> factor_proposal_cov(jnp.array([4.0, 9.0])).factor
+    Array([2., 3.], dtype=float32)
+    """
+    factor = proposal_scale(proposal_cov, dimension, name)
+    covariance = None if proposal_cov is None else jnp.asarray(proposal_cov)
+    if covariance is not None and not jnp.issubdtype(covariance.dtype, jnp.floating):
+        covariance = covariance.astype(jnp.result_type(float))
+    return FactoredCov(covariance, factor)
+
+
 def factor_covariance(covariance: Array) -> Array:
     """The factor ``L`` of a covariance, without checks: ``sqrt`` of a vector of variances, or
     ``diag(sd) chol(R)`` for a matrix with standard deviations ``sd`` and correlations ``R``.
@@ -233,15 +270,15 @@ def check_step_size(step_size, name: str = "step_size"):
     return float(value)
 
 
-def _check_scale(scale, dimension: int):
-    if scale is not None and jnp.shape(scale)[0] != dimension:
+def _check_factor(factor, dimension: int):
+    if factor is not None and jnp.shape(factor)[0] != dimension:
         raise ValueError(
-            f"proposal_cov has shape {jnp.shape(scale)} but the flattened position has "
+            f"proposal_cov has shape {jnp.shape(factor)} but the flattened position has "
             f"dimension {dimension}; expected ({dimension},) or ({dimension}, {dimension})."
         )
 
 
-def _propose(rng_key: PRNGKey, flat_position: Array, step_size, scale) -> tuple[Array, Array]:
+def _propose(rng_key: PRNGKey, flat_position: Array, step_size, factor) -> tuple[Array, Array]:
     """Draw the proposal ``x + step_size * L z`` and the log of the acceptance uniform.
 
     One key gives ``d + 1`` standard normals: ``z`` and one more, ``w``, whose normal CDF
@@ -255,12 +292,12 @@ def _propose(rng_key: PRNGKey, flat_position: Array, step_size, scale) -> tuple[
     noise = jax.random.normal(rng_key, (dimension + 1,), flat_position.dtype)
     extra = noise[dimension]
     noise = noise[:dimension]
-    if scale is None:
+    if factor is None:
         increment = noise
-    elif jnp.ndim(scale) == 1:
-        increment = scale.astype(noise.dtype) * noise
+    elif jnp.ndim(factor) == 1:
+        increment = factor.astype(noise.dtype) * noise
     else:
-        increment = scale.astype(noise.dtype) @ noise
+        increment = factor.astype(noise.dtype) @ noise
     proposal = flat_position + jnp.asarray(step_size, noise.dtype) * increment
     return proposal, jnp.log(jax.scipy.special.ndtr(extra))
 
@@ -270,11 +307,12 @@ def build_kernel() -> Callable:
 
     Returns
     -------
-    ``kernel(rng_key, state, logdensity_fn, step_size, proposal_cov=None, *, scale=None)``
-    that moves one chain by one step and returns ``(RWMHState, RWMHInfo)``. Pass either the
-    covariance ``proposal_cov`` (factored on each call) or its factor ``scale`` from
-    :func:`proposal_scale` (factored once by the caller, which is what :func:`random_walk`
-    and the adaptation do).
+    ``kernel(rng_key, state, logdensity_fn, step_size, proposal_cov=None)`` that moves one
+    chain by one step and returns ``(RWMHState, RWMHInfo)``. ``proposal_cov`` is None
+    (identity), a covariance array, which is validated and factored on every call, or a
+    :class:`FactoredCov` from :func:`factor_proposal_cov`, whose factor is used as it is (what
+    :func:`random_walk`, the adaptation and the driver pass, so that nothing is factored per
+    step).
     """
 
     def kernel(
@@ -282,24 +320,21 @@ def build_kernel() -> Callable:
         state: RWMHState,
         logdensity_fn: Callable,
         step_size: ArrayLike,
-        proposal_cov: ArrayLike | None = None,
-        *,
-        scale: ArrayLike | None = None,
+        proposal_cov: ArrayLike | FactoredCov | None = None,
     ) -> tuple[RWMHState, RWMHInfo]:
-        if proposal_cov is not None and scale is not None:
-            raise ValueError("Pass proposal_cov or its factor scale, not both.")
-        _checks.check_key(rng_key)
+        checks.check_key(rng_key)
         if not (hasattr(state, "position") and hasattr(state, "logdensity")):
             raise TypeError(
                 "state must be an RWMHState(position, logdensity), as made by init; got "
                 f"{type(state).__name__}."
             )
         flat_position, unravel = ravel_pytree(state.position)
-        if scale is None:
-            scale = proposal_scale(proposal_cov, flat_position.shape[0])
+        if isinstance(proposal_cov, FactoredCov):
+            factor = proposal_cov.factor
+            _check_factor(factor, flat_position.shape[0])
         else:
-            _check_scale(scale, flat_position.shape[0])
-        flat_proposal, log_uniform = _propose(rng_key, flat_position, step_size, scale)
+            factor = proposal_scale(proposal_cov, flat_position.shape[0])
+        flat_proposal, log_uniform = _propose(rng_key, flat_position, step_size, factor)
         proposal_position = unravel(flat_proposal)
         proposal_logdensity = _check_scalar_logdensity(logdensity_fn(proposal_position))
         proposal_logdensity = proposal_logdensity.astype(jnp.result_type(state.logdensity))
@@ -352,19 +387,20 @@ def random_walk(
     >>> info.acceptance_rate.shape
     (4,)
     """
-    _checks.check_callable(logdensity_fn)
+    checks.check_callable(logdensity_fn)
     if step_size is None:
         raise ValueError("step_size must be a positive finite scalar; got None.")
     check_step_size(step_size)
-    scale = proposal_scale(proposal_cov)
+    proposal = factor_proposal_cov(proposal_cov)
     kernel = build_kernel()
 
     def init_fn(position: ArrayLikeTree, rng_key: PRNGKey | None = None) -> RWMHState:
+        # rng_key: unused, accepted for BlackJAX's ``init(position, rng_key)``.
         state = init(position, logdensity_fn)
-        _check_scale(scale, ravel_pytree(state.position)[0].shape[0])
+        _check_factor(proposal.factor, ravel_pytree(state.position)[0].shape[0])
         return state
 
     def step_fn(rng_key: PRNGKey, state: RWMHState) -> tuple[RWMHState, RWMHInfo]:
-        return kernel(rng_key, state, logdensity_fn, step_size, scale=scale)
+        return kernel(rng_key, state, logdensity_fn, step_size, proposal)
 
     return SamplingAlgorithm(init_fn, step_fn)

@@ -12,7 +12,7 @@ bijections and the potential energy :math:`U(z) = -\\log \\pi(z)`, Jacobians inc
 
 accepted with probability :math:`\\min(1, \\exp(U(z) - U(z')))` (Metropolis et al. 1953;
 Hastings 1970). During the ``num_warmup`` first iterations the step size :math:`s` and the
-proposal covariance :math:`\\Sigma` are tuned by :mod:`rwmh.adaptation` (Stan-style windows,
+proposal covariance :math:`\\Sigma` are tuned by :mod:`rwmh.tuning` (Stan-style windows,
 Robbins-Monro on :math:`\\log s`); afterwards both are frozen, so the chain is a
 time-homogeneous Markov chain.
 
@@ -21,6 +21,10 @@ them together: the adaptation statistics are then *pooled* across chains (one st
 one covariance for all of them, estimated from every chain's draws), as :func:`rwmh.sample`
 does. With the other chain methods (``"sequential"``, ``"parallel"``, or a callable such as
 ``jax.vmap``) each chain adapts on its own draws.
+
+As in NumPyro's own ``sa.py``, the work is done by two pure functions, :func:`init_kernel`
+and :func:`sample_kernel`, that take everything they use as arguments; the class :class:`RWMH`
+only checks options, sets up the model and calls them.
 
 References
 ----------
@@ -46,11 +50,17 @@ from numpyro.infer.mcmc import MCMCKernel
 from numpyro.infer.util import initialize_model
 from numpyro.util import identity, is_prng_key
 
-from rwmh import _checks
-from rwmh import adaptation as _adaptation
-from rwmh import kernel as _kernel
+from rwmh import checks, tuning
+from rwmh.kernel import RWMHState, build_kernel, check_step_size, proposal_scale
 
-__all__ = ["RWMH", "RWMHKernelState"]
+__all__ = [
+    "RWMH",
+    "RWMHKernelState",
+    "KernelSettings",
+    "init_kernel",
+    "sample_kernel",
+    "initialize",
+]
 
 Array = jax.Array
 
@@ -58,9 +68,10 @@ Array = jax.Array
 class RWMHKernelState(NamedTuple):
     """State of :class:`RWMH` between two calls of ``sample``.
 
-    In vectorized mode (``chain_method="vectorized"``) every field carries a leading chain
-    axis; the step size and the adaptation state are then the same for all chains (pooled)
-    and merely repeated along that axis, so that ``MCMC`` can collect any field per chain.
+    In vectorized mode (``chain_method="vectorized"``) every field but ``adapt_state`` carries
+    a leading chain axis, so that ``MCMC`` can collect it per chain (the pooled step size is
+    then the same for all chains); ``adapt_state`` is shared by all chains and held once, so
+    that the state does not grow as chains x d^2.
 
     i
         Iteration counter, starting at 0. Iterations ``i < num_warmup`` adapt; it is *not*
@@ -80,8 +91,9 @@ class RWMHKernelState(NamedTuple):
         The step size the next transition uses. During warmup it follows the adaptation;
         from the last warmup iteration on it is the adapted (averaged) value.
     adapt_state
-        The :class:`rwmh.adaptation.AdaptationState`; its ``scale`` factors the proposal
-        covariance that the next transition uses, and its ``step_size`` equals ``step_size``.
+        The :class:`rwmh.tuning.AdaptationState`; its ``proposal`` is the proposal covariance
+        (with its factor) that the next transition uses, and its ``step_size`` equals
+        ``step_size``.
     rng_key
         Random key for the next transition.
     """
@@ -92,8 +104,29 @@ class RWMHKernelState(NamedTuple):
     accept_prob: Array
     mean_accept_prob: Array
     step_size: Array
-    adapt_state: _adaptation.AdaptationState
+    adapt_state: tuning.AdaptationState
     rng_key: Array
+
+
+class KernelSettings(NamedTuple):
+    """What :func:`sample_kernel` needs besides the state, fixed by ``RWMH.init``.
+
+    num_warmup
+        Iterations ``i < num_warmup`` adapt.
+    schedule
+        The :class:`rwmh.tuning.Schedule` of warmup, with one spare row of no adaptation at
+        the end, so that the row ``min(i, num_warmup)`` always exists.
+    target_accept_prob
+        Acceptance probability the step size is tuned toward.
+    adapt_step_size, adapt_proposal_cov
+        Which parameters adapt.
+    """
+
+    num_warmup: int
+    schedule: tuning.Schedule
+    target_accept_prob: float
+    adapt_step_size: bool
+    adapt_proposal_cov: bool
 
 
 def _as_float(tree):
@@ -112,19 +145,151 @@ def _first(tree):
     return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
-def _add_axis(tree):
-    return jax.tree_util.tree_map(lambda x: x[None], tree)
-
-
 def _repeat(tree, num_chains: int):
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), tree)
+
+
+def initialize(rng_key, model, model_args=(), model_kwargs=None, init_strategy=init_to_uniform):
+    """NumPyro's ``initialize_model`` as RWMH uses it: ``(param_info, potential_fn_gen,
+    postprocess_fn)`` on the unconstrained space, for a key or a batch of keys (one initial
+    point per key), without the gradient check that a random walk does not need."""
+    param_info, potential_fn_gen, postprocess_fn, _ = initialize_model(
+        rng_key,
+        model,
+        init_strategy=init_strategy,
+        dynamic_args=True,
+        model_args=model_args,
+        model_kwargs={} if model_kwargs is None else model_kwargs,
+        validate_grad=False,
+    )
+    return param_info, potential_fn_gen, postprocess_fn
+
+
+def init_kernel(init_params, potential_fn, adapt_state, rng_key) -> RWMHKernelState:
+    """The first :class:`RWMHKernelState` at ``init_params``.
+
+    ``rng_key`` is one key, or a batch of ``num_chains`` keys in vectorized mode: then
+    ``init_params`` carry a leading chain axis and the state is batched, but for the shared
+    ``adapt_state``.
+    """
+    vectorized = not is_prng_key(rng_key)
+    dtype = adapt_state.step_size.dtype
+    if vectorized:
+        num_chains = jnp.shape(jax.tree_util.tree_leaves(init_params)[0])[0]
+        potential_energy = jax.vmap(potential_fn)(init_params).astype(dtype)
+        checks.check_finite_logdensity(potential_energy, "init_params", what="the potential energy")
+        zeros = jnp.zeros((num_chains,), dtype)
+        return RWMHKernelState(
+            i=jnp.zeros((num_chains,), jnp.int32),
+            z=init_params,
+            potential_energy=potential_energy,
+            accept_prob=zeros,
+            mean_accept_prob=zeros,
+            step_size=_repeat(adapt_state.step_size, num_chains),
+            adapt_state=adapt_state,
+            rng_key=rng_key,
+        )
+    potential_energy = jnp.asarray(potential_fn(init_params)).astype(dtype)
+    checks.check_finite_logdensity(
+        potential_energy, "init_params", batched=False, what="the potential energy"
+    )
+    return RWMHKernelState(
+        i=jnp.zeros((), jnp.int32),
+        z=init_params,
+        potential_energy=potential_energy,
+        accept_prob=jnp.zeros((), dtype),
+        mean_accept_prob=jnp.zeros((), dtype),
+        step_size=adapt_state.step_size,
+        adapt_state=adapt_state,
+        rng_key=rng_key,
+    )
+
+
+def sample_kernel(state: RWMHKernelState, potential_fn, settings: KernelSettings):
+    """One random-walk Metropolis-Hastings transition, adapting while ``i < num_warmup``.
+
+    A batched state (vectorized mode) moves all its chains and adapts once from all of them;
+    its ``adapt_state`` stays one shared copy.
+    """
+    logdensity_fn = lambda z: -potential_fn(z)
+    kernel = build_kernel()
+    batched = jnp.ndim(state.potential_energy) == 1
+    adapt_state = state.adapt_state
+    # The step size and the counter are the same for all chains of a batch.
+    i, step_size = _first((state.i, state.step_size)) if batched else (state.i, state.step_size)
+
+    def move(z, potential_energy, rng_key):
+        rng_key, key_step = jax.random.split(rng_key)
+        current = RWMHState(z, -potential_energy)
+        new, info = kernel(key_step, current, logdensity_fn, step_size, adapt_state.proposal)
+        flat_position = ravel_pytree(z)[0]
+        flat_proposal = ravel_pytree(info.proposal.position)[0]
+        return new, info.acceptance_rate, flat_position, flat_proposal, rng_key
+
+    if batched:
+        move = jax.vmap(move)
+    new, accept_prob, flat_positions, flat_proposals, rng_key = move(
+        state.z, state.potential_energy, state.rng_key
+    )
+    if settings.adapt_step_size or settings.adapt_proposal_cov:
+        # The adaptation takes a batch of chains; one chain is a batch of one.
+        adapt_state, step_size = _adapt(
+            settings, i, adapt_state, step_size, flat_positions, flat_proposals, accept_prob
+        )
+
+    itr = state.i + 1
+    # The running mean restarts with the sampling phase.
+    n = jnp.where(state.i < settings.num_warmup, itr, itr - settings.num_warmup)
+    dtype = state.mean_accept_prob.dtype
+    accept_prob = accept_prob.astype(dtype)
+    mean_accept_prob = state.mean_accept_prob + (accept_prob - state.mean_accept_prob) / n
+    if batched:
+        step_size = _repeat(step_size, state.potential_energy.shape[0])
+    return RWMHKernelState(
+        i=itr,
+        z=new.position,
+        potential_energy=(-new.logdensity).astype(state.potential_energy.dtype),
+        accept_prob=accept_prob,
+        mean_accept_prob=mean_accept_prob,
+        step_size=step_size,
+        adapt_state=adapt_state,
+        rng_key=rng_key,
+    )
+
+
+def _adapt(settings, i, adapt_state, step_size, flat_positions, flat_proposals, accept_prob):
+    """Warmup update from the transitions of all chains in the batch, gated by
+    ``i < num_warmup`` so that sampling never changes the parameters."""
+    num_warmup = settings.num_warmup
+
+    def update(operand):
+        adapt_state, step_size = operand
+        row = settings.schedule.at(jnp.minimum(i, num_warmup))
+        adapt_state = tuning.update(
+            adapt_state,
+            row,
+            flat_positions,
+            flat_proposals,
+            accept_prob,
+            settings.target_accept_prob,
+        )
+        if settings.adapt_step_size:
+            # The last warmup step hands over the averaged iterate, the value to sample with.
+            final = tuning.final(adapt_state)["step_size"]
+            step_size = jnp.where(i == num_warmup - 1, final, adapt_state.step_size)
+        step_size = step_size.astype(operand[1].dtype)
+        # Keep adapt_state.step_size what it documents, the step size of the next
+        # transition (users of NumPyro's HMC collect "adapt_state.step_size").
+        return adapt_state._replace(step_size=step_size), step_size
+
+    return jax.lax.cond(i < num_warmup, update, identity, (adapt_state, step_size))
 
 
 class RWMH(MCMCKernel):
     """Random-walk Metropolis-Hastings for ``numpyro.infer.MCMC``.
 
     A Gaussian random walk in the unconstrained space with a step size and a proposal
-    covariance tuned during warmup (:mod:`rwmh.adaptation`), reusing rwmh's kernel
+    covariance tuned during warmup (:mod:`rwmh.tuning`), reusing rwmh's kernel
     (:func:`rwmh.build_kernel`). It needs no gradients, so it also serves models whose log
     density is not differentiable. In ``chain_method="vectorized"`` the warmup statistics
     are pooled across chains.
@@ -209,28 +374,26 @@ class RWMH(MCMCKernel):
             )
         for name, fn in (("model", model), ("potential_fn", potential_fn)):
             if fn is not None:
-                _checks.check_callable(fn, name)
-        _checks.check_callable(init_strategy, "init_strategy")
+                checks.check_callable(fn, name)
+        checks.check_callable(init_strategy, "init_strategy")
         self._model = model
         self._potential_fn = potential_fn
-        self._step_size = _kernel.check_step_size(step_size)
-        # Factor once here only to reject a bad covariance early; init factors it again
-        # once the dimension is known.
-        _kernel.proposal_scale(proposal_cov)
+        self._step_size = check_step_size(step_size)
+        # Checked here to reject a bad covariance early; init checks it against the
+        # dimension once that is known.
+        proposal_scale(proposal_cov)
         self._proposal_cov = proposal_cov
-        self._adapt_step_size = _checks.check_bool(adapt_step_size, "adapt_step_size")
-        self._adapt_proposal_cov = _checks.check_bool(adapt_proposal_cov, "adapt_proposal_cov")
-        self._dense = _checks.check_bool(dense, "dense")
-        self._target_accept_prob = _adaptation._check_target(
+        self._adapt_step_size = checks.check_bool(adapt_step_size, "adapt_step_size")
+        self._adapt_proposal_cov = checks.check_bool(adapt_proposal_cov, "adapt_proposal_cov")
+        self._dense = checks.check_bool(dense, "dense")
+        self._target_accept_prob = checks.check_probability(
             target_accept_prob, "target_accept_prob"
         )
         self._init_strategy = init_strategy
         # Set by init.
         self._potential_fn_gen = None
         self._postprocess_fn = None
-        self._num_warmup = 0
-        self._schedule = None
-        self._target = None
+        self._settings = None
         # MCMC calls init again whenever this is None (a fresh or unpickled kernel).
         self._sample_fn = None
 
@@ -298,81 +461,42 @@ class RWMH(MCMCKernel):
             rng_key, key_init = jax.random.split(rng_key)
 
         if self._model is not None:
-            param_info, self._potential_fn_gen, self._postprocess_fn, _ = initialize_model(
-                key_init,
-                self._model,
-                init_strategy=self._init_strategy,
-                dynamic_args=True,
-                model_args=model_args,
-                model_kwargs=model_kwargs,
-                # Random-walk proposals need no gradient: accept models without one.
-                validate_grad=False,
+            param_info, self._potential_fn_gen, self._postprocess_fn = initialize(
+                key_init, self._model, model_args, model_kwargs, self._init_strategy
             )
             if init_params is None:
                 init_params = param_info.z
         elif init_params is None:
             raise ValueError("`init_params` must be given to MCMC.run when using `potential_fn`.")
         init_params = _as_float(init_params)
-        _checks.check_float_positions(init_params, "init_params", batched=vectorized)
+        checks.check_float_positions(init_params, "init_params", batched=vectorized)
         one_position = _first(init_params) if vectorized else init_params
         flat_one, _ = ravel_pytree(one_position)
         dimension = flat_one.shape[0]
         if dimension == 0:
             raise ValueError("RWMH needs at least one continuous latent variable; found none.")
         if self._proposal_cov is not None:
-            _kernel.proposal_scale(self._proposal_cov, dimension)
+            proposal_scale(self._proposal_cov, dimension)
 
-        self._num_warmup = int(num_warmup)
-        self._target = (
-            self._target_accept_prob
-            if self._target_accept_prob is not None
-            else _adaptation.default_target_acceptance_rate(dimension)
-        )
-        schedule = _adaptation.build_schedule(self._num_warmup)
+        num_warmup = int(num_warmup)
+        schedule = tuning.build_schedule(num_warmup)
         if not self._adapt_proposal_cov:
             # No slow window: the adaptation then leaves the covariance alone.
-            schedule = np.zeros_like(schedule)
-        # One spare all-False row, so that indexing with min(i, num_warmup) is always valid.
-        self._schedule = np.concatenate([schedule, np.zeros((1, schedule.shape[1]), bool)])
-
-        adapt_state = _adaptation.init(
+            schedule = tuning.Schedule(*(np.zeros_like(column) for column in schedule))
+        # One spare row without adaptation, so that the row min(i, num_warmup) always exists.
+        schedule = tuning.Schedule(*(np.append(column, False) for column in schedule))
+        target = self._target_accept_prob
+        if target is None:
+            target = tuning.default_target_acceptance_rate(dimension)
+        self._settings = KernelSettings(
+            num_warmup, schedule, target, self._adapt_step_size, self._adapt_proposal_cov
+        )
+        adapt_state = tuning.init(
             dimension, flat_one.dtype, self._step_size, self._proposal_cov, dense=self._dense
         )
         potential_fn = self.get_potential_fn(model_args, model_kwargs)
-        dtype = flat_one.dtype
-        if vectorized:
-            num_chains = jnp.shape(jax.tree_util.tree_leaves(init_params)[0])[0]
-            potential_energy = jax.vmap(potential_fn)(init_params).astype(dtype)
-            _checks.check_finite_logdensity(
-                potential_energy, "init_params", what="the potential energy"
-            )
-            zeros = jnp.zeros((num_chains,), dtype)
-            state = RWMHKernelState(
-                i=jnp.zeros((num_chains,), jnp.int32),
-                z=init_params,
-                potential_energy=potential_energy,
-                accept_prob=zeros,
-                mean_accept_prob=zeros,
-                step_size=_repeat(adapt_state.step_size, num_chains),
-                adapt_state=_repeat(adapt_state, num_chains),
-                rng_key=rng_key,
-            )
-        else:
-            potential_energy = jnp.asarray(potential_fn(init_params)).astype(dtype)
-            _checks.check_finite_logdensity(
-                potential_energy, "init_params", batched=False, what="the potential energy"
-            )
-            state = RWMHKernelState(
-                i=jnp.zeros((), jnp.int32),
-                z=init_params,
-                potential_energy=potential_energy,
-                accept_prob=jnp.zeros((), dtype),
-                mean_accept_prob=jnp.zeros((), dtype),
-                step_size=adapt_state.step_size,
-                adapt_state=adapt_state,
-                rng_key=rng_key,
-            )
-        self._sample_fn = self._transition
+        state = init_kernel(init_params, potential_fn, adapt_state, rng_key)
+        self._sample_fn = sample_kernel
         return state
 
     def sample(self, state, model_args, model_kwargs):
@@ -391,81 +515,9 @@ class RWMH(MCMCKernel):
         """
         if self._sample_fn is None:
             raise RuntimeError("The kernel is not initialised: run `init` (or MCMC.run) first.")
-        return self._sample_fn(state, model_args, model_kwargs)
-
-    def _transition(self, state, model_args, model_kwargs):
         model_kwargs = {} if model_kwargs is None else model_kwargs
         potential_fn = self.get_potential_fn(model_args, model_kwargs)
-        logdensity_fn = lambda z: -potential_fn(z)
-        kernel = _kernel.build_kernel()
-        batched = jnp.ndim(state.potential_energy) == 1
-
-        # The step size, covariance and counter are shared by all chains of a batch.
-        shared = (state.i, state.step_size, state.adapt_state)
-        i, step_size, adapt_state = _first(shared) if batched else shared
-
-        def move(z, potential_energy, rng_key):
-            rng_key, key_step = jax.random.split(rng_key)
-            current = _kernel.RWMHState(z, -potential_energy)
-            new, info = kernel(key_step, current, logdensity_fn, step_size, scale=adapt_state.scale)
-            flat_position = ravel_pytree(z)[0]
-            flat_proposal = ravel_pytree(info.proposal.position)[0]
-            return new, info.acceptance_rate, flat_position, flat_proposal, rng_key
-
-        if batched:
-            move = jax.vmap(move)
-        new, accept_prob, flat_positions, flat_proposals, rng_key = move(
-            state.z, state.potential_energy, state.rng_key
-        )
-        if self._adapt_step_size or self._adapt_proposal_cov:
-            # The adaptation takes a batch of chains; one chain is a batch of one.
-            batch = (flat_positions, flat_proposals, accept_prob)
-            adapt_state, step_size = self._adapt(
-                i, adapt_state, step_size, *(batch if batched else _add_axis(batch))
-            )
-
-        itr = state.i + 1
-        # The running mean restarts with the sampling phase.
-        n = jnp.where(state.i < self._num_warmup, itr, itr - self._num_warmup)
-        dtype = state.mean_accept_prob.dtype
-        accept_prob = accept_prob.astype(dtype)
-        mean_accept_prob = state.mean_accept_prob + (accept_prob - state.mean_accept_prob) / n
-        if batched:
-            num_chains = state.potential_energy.shape[0]
-            step_size, adapt_state = _repeat((step_size, adapt_state), num_chains)
-        return RWMHKernelState(
-            i=itr,
-            z=new.position,
-            potential_energy=(-new.logdensity).astype(state.potential_energy.dtype),
-            accept_prob=accept_prob,
-            mean_accept_prob=mean_accept_prob,
-            step_size=step_size,
-            adapt_state=adapt_state,
-            rng_key=rng_key,
-        )
-
-    def _adapt(self, i, adapt_state, step_size, flat_positions, flat_proposals, accept_prob):
-        """Warmup update from the transitions of all chains in the batch, gated by
-        ``i < num_warmup`` so that sampling never changes the parameters."""
-        num_warmup = self._num_warmup
-        schedule = jnp.asarray(self._schedule)
-
-        def update(operand):
-            adapt_state, step_size = operand
-            row = schedule[jnp.minimum(i, num_warmup)]
-            adapt_state = _adaptation.update(
-                adapt_state, row, flat_positions, flat_proposals, accept_prob, self._target
-            )
-            if self._adapt_step_size:
-                # The last warmup step hands over the averaged iterate, the value to sample with.
-                final = _adaptation.parameters(adapt_state)["step_size"]
-                step_size = jnp.where(i == num_warmup - 1, final, adapt_state.step_size)
-            step_size = step_size.astype(operand[1].dtype)
-            # Keep adapt_state.step_size what it documents, the step size of the next
-            # transition (users of NumPyro's HMC collect "adapt_state.step_size").
-            return adapt_state._replace(step_size=step_size), step_size
-
-        return jax.lax.cond(i < num_warmup, update, identity, (adapt_state, step_size))
+        return self._sample_fn(state, potential_fn, self._settings)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -5,24 +5,18 @@ between them, so the bar never reaches into compiled code (no callbacks inside `
 ``scan``) and costs one host update per chunk. While sampling it shows the mean acceptance
 rate and the largest split R-hat (Gelman et al. 2013, sec. 11.4) over all scalar components.
 
-R-hat is kept cheap, so that the bar costs a few percent of sampling at most: for every chunk
-and chain only the mean and the sum of squared deviations of each component are stored
-(combined with Chan et al.'s pairwise formula), never the draws themselves, and a long chunk
-is thinned to at most ``RHAT_DRAWS_PER_CHUNK`` evenly spaced draws first. An update then costs
-a bounded pass over the new chunk, whatever the chunk length and the number of draws so far.
-(Without the thinning, a pass over every draw costs about a sixth of a cheap target's sampling
-time on a CPU.) Thinning leaves split R-hat's meaning intact; it only makes it noisier.
-The two halves of each chain are made of whole chunks; with an odd number of chunks the oldest
-one is left out, so that both halves have the same length. This is the classic split R-hat, a
+R-hat is NumPyro's (``numpyro.diagnostics.split_gelman_rubin``) on the draws so far, kept
+cheap so that the bar costs a few percent of sampling at most: each chunk is thinned to at most
+``RHAT_DRAWS_PER_CHUNK`` evenly spaced draws, and when more than ``RHAT_MAX_DRAWS`` per chain
+have gathered every other one is dropped (and later chunks are thinned alike), so an update
+costs a bounded pass whatever the chunk length and the number of draws so far. Thinning leaves
+split R-hat's meaning intact; it only makes it noisier. This is the classic split R-hat, a
 live indicator; the rank-normalised R-hat that ArviZ reports at the end can differ slightly.
 
 References
 ----------
 Gelman, A., Carlin, J. B., Stern, H. S., Dunson, D. B., Vehtari, A. and Rubin, D. B. (2013).
 Bayesian Data Analysis, 3rd ed., sec. 11.4.
-
-Chan, T. F., Golub, G. H. and LeVeque, R. J. (1979). Updating formulae and a pairwise algorithm
-for computing sample variances. Technical report STAN-CS-79-773, Stanford University.
 """
 
 from __future__ import annotations
@@ -41,20 +35,21 @@ __all__ = [
     "split_rhat",
     "DEFAULT_UPDATES",
     "RHAT_DRAWS_PER_CHUNK",
+    "RHAT_MAX_DRAWS",
 ]
 
 #: How many times a phase's bar is updated when the driver chooses the chunk length.
 DEFAULT_UPDATES = 20
 #: Draws per chain and chunk that feed the live R-hat (evenly spaced); bounds the bar's cost.
 RHAT_DRAWS_PER_CHUNK = 100
+#: Draws per chain kept for the live R-hat; beyond, every other one is dropped.
+RHAT_MAX_DRAWS = 1000
 #: Seconds between two redraws of the bar at least.
 MIN_REDRAW_INTERVAL = 0.1
 
 
 class NullProgress:
     """A progress display that shows nothing and leaves the driver's chunking alone."""
-
-    enabled = False
 
     def chunk_length(self, total: int) -> int:
         """Run the whole phase in one compiled call."""
@@ -82,44 +77,32 @@ def _flat_draws(draws, max_draws: int | None = None) -> np.ndarray:
     )
 
 
-def _combine(a, b):
-    """Pool two ``(count, mean, m2)`` summaries (Chan, Golub & LeVeque 1979)."""
-    count_a, mean_a, m2_a = a
-    count_b, mean_b, m2_b = b
-    count = count_a + count_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (count_b / count)
-    m2 = m2_a + m2_b + delta**2 * (count_a * count_b / count)
-    return count, mean, m2
+def _max_split_rhat(flat: np.ndarray) -> float:
+    """Largest split R-hat over the components of ``(draw, chain, component)`` draws; NaN when
+    it is undefined (fewer than four draws, or a component that no chain has moved)."""
+    from numpyro.diagnostics import split_gelman_rubin
 
-
-def _rhat_from_halves(first, second) -> np.ndarray:
-    """Split R-hat per component from the summaries of each chain's two halves."""
-    count = min(first[0], second[0])
-    means = np.concatenate([first[1], second[1]], axis=0)  # (2 * chain, component)
-    variances = np.concatenate([first[2] / (first[0] - 1), second[2] / (second[0] - 1)], axis=0)
-    within = variances.mean(axis=0)
-    between_over_n = means.var(axis=0, ddof=1)
-    pooled = (count - 1) / count * within + between_over_n
+    if flat.shape[0] < 4:
+        return math.nan
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.sqrt(pooled / within)
+        rhat = split_gelman_rubin(np.swapaxes(flat, 0, 1).astype(np.float64))
+    finite = rhat[np.isfinite(rhat)]
+    return float(finite.max()) if finite.size else math.nan
 
 
-def split_rhat(draws, num_chunks: int = 2) -> float:
-    """Largest split R-hat over all components of ``draws``, halves made of whole chunks.
+def split_rhat(draws) -> float:
+    """Largest split R-hat over all components of ``draws``, from NumPyro's
+    ``split_gelman_rubin``.
 
     Parameters
     ----------
     draws
         A PyTree with leaves ``(draw, chain, ...)``.
-    num_chunks
-        Cut the draws into this many equal chunks first, as the progress bar sees them
-        (2, the default, is the textbook split R-hat).
 
     Returns
     -------
-    The largest R-hat, NaN when it is undefined (fewer than two draws per half, or a component
-    that no chain has moved).
+    The largest R-hat, NaN when it is undefined (fewer than four draws, or a component that no
+    chain has moved).
 
     Examples
     --------
@@ -129,41 +112,29 @@ def split_rhat(draws, num_chunks: int = 2) -> float:
     >>> round(split_rhat(draws), 2)
     1.0
     """
-    flat = _flat_draws(draws)
-    tracker = _RhatTracker()
-    for part in np.array_split(flat, num_chunks, axis=0):
-        tracker.add(part)
-    return tracker.value()
+    return _max_split_rhat(_flat_draws(draws))
 
 
-class _RhatTracker:
-    """Per-chunk ``(count, mean, m2)`` of every chain and component."""
+class _RhatDraws:
+    """The thinned draws ``(draw, chain, component)`` that feed the live R-hat; R-hat is shown
+    from the second chunk on, so that its two halves never come from one chunk alone."""
 
     def __init__(self):
-        self.chunks = []
+        self.draws = None
+        self.stride = 1
+        self.num_chunks = 0
 
     def add(self, flat: np.ndarray) -> None:
+        flat = flat[:: self.stride]
         if flat.shape[0] == 0:
             return
-        mean = flat.mean(axis=0, dtype=np.float64)
-        m2 = np.square(flat - mean).sum(axis=0)
-        self.chunks.append((flat.shape[0], mean, m2))
+        self.num_chunks += 1
+        self.draws = flat if self.draws is None else np.concatenate([self.draws, flat])
+        while self.draws.shape[0] > RHAT_MAX_DRAWS:
+            self.draws, self.stride = self.draws[::2], 2 * self.stride
 
     def value(self) -> float:
-        half = len(self.chunks) // 2
-        if half == 0:
-            return math.nan
-        used = self.chunks[len(self.chunks) - 2 * half :]
-        first, second = used[0], used[half]
-        for summary in used[1:half]:
-            first = _combine(first, summary)
-        for summary in used[half + 1 :]:
-            second = _combine(second, summary)
-        if min(first[0], second[0]) < 2:
-            return math.nan
-        rhat = _rhat_from_halves(first, second)
-        finite = rhat[np.isfinite(rhat)]
-        return float(finite.max()) if finite.size else math.nan
+        return math.nan if self.num_chunks < 2 else _max_split_rhat(self.draws)
 
 
 class ProgressBar:
@@ -189,8 +160,6 @@ class ProgressBar:
     >>> bar.close()
     """
 
-    enabled = True
-
     def __init__(self, file=None, updates: int = DEFAULT_UPDATES):
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 1:
             raise ValueError(f"updates must be a positive integer; got {updates!r}.")
@@ -213,7 +182,7 @@ class ProgressBar:
         self._phase = phase
         self._acceptance_sum = 0.0
         self._acceptance_count = 0
-        self._rhat = _RhatTracker()
+        self._rhat = _RhatDraws()
         self._with_rhat = False
         self._steps_not_shown = 0
         self._last_redraw = time.monotonic()
@@ -310,8 +279,8 @@ def progress_bar(show: bool, file=None) -> ProgressBar | NullProgress:
     --------
     >>> import io
     >>> from rwmh.progress import progress_bar
-    >>> progress_bar(True, file=io.StringIO()).enabled
-    False
+    >>> type(progress_bar(True, file=io.StringIO())).__name__
+    'NullProgress'
     """
     file = file if file is not None else sys.stderr
     if show and _is_terminal(file):

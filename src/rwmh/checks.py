@@ -130,3 +130,48 @@ def check_finite_logdensity(
     raise ValueError(
         f"{what} is not finite at {name} (value {values}); start inside the support of the target."
     )
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int; a ``TypeError`` or ``ValueError`` naming ``name`` unless it is an
+    integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}.")
+    return int(value)
+
+
+def check_probability(value, name: str):
+    """``value`` as a float, or None; an error naming ``name`` unless it lies in (0, 1)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in (0, 1) or None; got {value!r}.") from None
+    if not 0.0 < number < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1); got {number}.")
+    return number
+
+
+def check_chain_axis(positions, name: str) -> int:
+    """The number of chains, the common leading axis of every leaf of ``positions``; a
+    ``ValueError`` naming ``name`` when there is none."""
+    leaves = jax.tree_util.tree_leaves(positions)
+    if not leaves:
+        raise ValueError(f"{name} must hold at least one array.")
+    sizes = set()
+    for leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"{name} must carry a leading chain axis (num_chains, ...); got a scalar leaf. "
+                "For one chain, add an axis: position[None]."
+            )
+        sizes.add(shape[0])
+    if len(sizes) != 1:
+        raise ValueError(
+            f"{name}: every leaf must have the same leading chain axis; got sizes {sorted(sizes)}."
+        )
+    return sizes.pop()

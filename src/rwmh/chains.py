@@ -1,0 +1,277 @@
+"""Many chains at once: their keys, initial states, the one vmapped step and the two scans.
+
+Keys
+----
+This module is the one answer to "which key does chain ``c`` use at step ``t``":
+
+* :func:`rwmh.sample` splits its key once into a warmup key and a sampling key
+  (:func:`phase_keys`); :func:`rwmh.window_adaptation` uses its key as the warmup key.
+* Chain ``c`` of a phase has the key ``fold_in(phase_key, c)`` (:func:`chain_keys`): it
+  depends on the chain's index alone, so padding or sharding the chain axis never changes a
+  chain's draws.
+* At step ``t`` of the phase (counted from 0 over the whole phase, whatever the chunking)
+  chain ``c`` steps with ``fold_in(chain_key, t)`` (:func:`step`).
+
+So the draws depend neither on how a run is cut into chunks nor on how its chains are laid
+out over devices, and a run resumed from a checkpoint continues with the very same keys.
+
+The scans (:func:`warmup_loop`, :func:`sampling_loop`) are pure and meant to run under
+``jit``; :func:`run_warmup` and :func:`run_sampling` are their compiled forms, cached per log
+density and array shapes. :mod:`rwmh.devices` compiles the same functions for sharded chains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from rwmh import checks, tuning
+from rwmh.kernel import FactoredCov, RWMHState, build_kernel, factor_proposal_cov, init
+
+__all__ = [
+    "phase_keys",
+    "chain_keys",
+    "step",
+    "flat_dimension",
+    "init_states",
+    "initial_state",
+    "restart_stragglers",
+    "warmup_loop",
+    "run_warmup",
+    "sampling_loop",
+    "run_sampling",
+]
+
+Array = jax.Array
+
+
+def phase_keys(rng_key) -> tuple[Array, Array]:
+    """``(warmup_key, sampling_key)`` of a run of :func:`rwmh.sample`: ``split(rng_key)``."""
+    warmup_key, sampling_key = jax.random.split(rng_key)
+    return warmup_key, sampling_key
+
+
+def chain_keys(phase_key, num_chains: int) -> Array:
+    """The keys of chains ``0, ..., num_chains - 1``: ``fold_in(phase_key, c)``."""
+    checks.check_key(phase_key)
+    return _fold_in_chains(phase_key, int(num_chains))
+
+
+@partial(jax.jit, static_argnames=("num_chains",))
+def _fold_in_chains(rng_key, num_chains: int) -> Array:
+    # Compiled: run op by op, the vmapped fold_in would compile each primitive on first use,
+    # which costs more than the whole warmup on small problems.
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        rng_key, jnp.arange(num_chains, dtype=jnp.uint32)
+    )
+
+
+def step(
+    logdensity_fn: Callable,
+    keys: Array,
+    step_index,
+    states: RWMHState,
+    step_size,
+    proposal: FactoredCov,
+):
+    """Move every chain by one step: chain ``c`` with key ``fold_in(keys[c], step_index)``.
+
+    The one vmapped Metropolis-Hastings step of warmup and sampling; returns the batched
+    ``(RWMHState, RWMHInfo)``.
+    """
+    kernel = build_kernel()
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step_index)
+    return jax.vmap(lambda k, s: kernel(k, s, logdensity_fn, step_size, proposal))(
+        step_keys, states
+    )
+
+
+def flat_dimension(positions) -> int:
+    """Length of one chain's flattened position, from the shapes alone (no computation)."""
+    return sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(positions))
+
+
+@partial(jax.jit, static_argnames=("logdensity_fn",))
+def init_states(logdensity_fn, positions) -> RWMHState:
+    """``jax.vmap(rwmh.init)`` over the chain axis, compiled."""
+    return jax.vmap(lambda p: init(p, logdensity_fn))(positions)
+
+
+def initial_state(
+    logdensity_fn, positions, step_size=None, proposal_cov=None, dense=True, cov_name="proposal_cov"
+):
+    """Batched chain states and a fresh :class:`rwmh.tuning.AdaptationState` for ``positions``.
+
+    ``proposal_cov`` is validated against the positions' dimension here, outside ``jit`` where
+    its values are concrete, and only here; errors call it ``cov_name``.
+    """
+    if proposal_cov is not None:
+        factor_proposal_cov(proposal_cov, flat_dimension(positions), name=cov_name)
+    return _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense)
+
+
+@partial(jax.jit, static_argnames=("logdensity_fn", "dense"))
+def _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense):
+    states = init_states(logdensity_fn, positions)
+    flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
+    dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
+    adapt = tuning.init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
+    return states, adapt
+
+
+def restart_stragglers(
+    states: RWMHState, dimension: int, enabled=True, chain_mask: Array | None = None
+):
+    """Move chains stranded far below the others onto the states of other chains.
+
+    With proposals tuned on the pooled draws, a chain that started in a far corner of a
+    narrow posterior (say a huge ``sigma`` with the coefficients far off) can stay there for
+    the whole warmup, moving by steps fit for the bulk of the posterior; it would also keep
+    inflating the pooled covariance. Warmup draws are discarded, so such a chain may start
+    again anywhere: it restarts from the state of one of the chains within
+    :func:`rwmh.tuning.straggler_threshold` of the median log density (a chain with a
+    non-finite log density always restarts; one that is within the threshold never does).
+    Only done where the schedule says ``restart`` (the ends of all but the last slow window),
+    so every chain has the last slow window and the final buffer to move away from its donor
+    before sampling. Chains marked False in ``chain_mask`` (padding) neither count in the
+    median nor donate.
+    """
+    logdensity = states.logdensity
+    num_chains = logdensity.shape[0]
+    finite = jnp.isfinite(logdensity)
+    # Non-finite values count as -inf, so that they sit at the bottom of the median.
+    values = jnp.where(finite, logdensity, -jnp.inf)
+    if chain_mask is None:
+        median = jnp.median(values)
+    else:
+        median = jnp.nanmedian(jnp.where(chain_mask, values, jnp.nan))
+        finite = finite & chain_mask
+    good = finite & (logdensity >= median - tuning.straggler_threshold(dimension))
+    # Chain c restarts from the (c mod n_good)-th good chain, which spreads the restarted
+    # chains over the donors without spending random numbers (compiling another threefry
+    # hash costs more than all the rest of this function).
+    num_good = jnp.sum(good)
+    rank = jnp.cumsum(good) - 1
+    wanted = jnp.arange(num_chains) % jnp.maximum(num_good, 1)
+    donors = jnp.argmax(good[None, :] & (rank[None, :] == wanted[:, None]), axis=1)
+    restart = enabled & ~good & (num_good > 0)
+
+    def pick(x):
+        mask = restart.reshape((num_chains,) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x[donors], x)
+
+    return jax.tree_util.tree_map(pick, states)
+
+
+def warmup_loop(
+    logdensity_fn: Callable,
+    target_acceptance_rate: float | None,
+    keys: Array,
+    states: RWMHState,
+    adaptation_state: tuning.AdaptationState,
+    step_indices: Array,
+    schedule: tuning.Schedule,
+    chain_mask: Array | None = None,
+):
+    """Run the adaptation over the rows of ``schedule``, the steps ``step_indices``.
+
+    ``keys`` are the chains' warmup keys (:func:`chain_keys`); ``chain_mask`` is passed to
+    :func:`rwmh.tuning.update`. Returns ``(states, adaptation_state, AdaptationInfo)``.
+    """
+    flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], states.position))
+    dimension = flat_one.shape[0]
+    if target_acceptance_rate is None:
+        target_acceptance_rate = tuning.default_target_acceptance_rate(dimension)
+    ravel = jax.vmap(lambda p: ravel_pytree(p)[0])
+
+    def one_step(carry, xs):
+        states, adapt = carry
+        step_index, row = xs
+        new_states, info = step(
+            logdensity_fn, keys, step_index, states, adapt.step_size, adapt.proposal
+        )
+        adapt_next = tuning.update(
+            adapt,
+            row,
+            ravel(states.position),
+            ravel(info.proposal.position),
+            info.acceptance_rate,
+            target_acceptance_rate,
+            chain_mask,
+        )
+        # A select rather than a cond: the work is a few comparisons per chain, and a second
+        # branch in the loop costs more to compile than it saves at run time.
+        new_states = restart_stragglers(
+            new_states, dimension, enabled=row.restart, chain_mask=chain_mask
+        )
+        return (new_states, adapt_next), tuning.AdaptationInfo(
+            info.acceptance_rate, adapt.step_size
+        )
+
+    (states, adaptation_state), info = jax.lax.scan(
+        one_step, (states, adaptation_state), (step_indices, schedule)
+    )
+    return states, adaptation_state, info
+
+
+@partial(jax.jit, static_argnames=("logdensity_fn", "target_acceptance_rate"))
+def run_warmup(logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule):
+    """Compiled :func:`warmup_loop`, cached per log density and array shapes."""
+    return warmup_loop(
+        logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule
+    )
+
+
+def sampling_loop(
+    logdensity_fn: Callable,
+    num_draws: int,
+    thin: int,
+    keys: Array,
+    states: RWMHState,
+    step_size,
+    proposal: FactoredCov,
+    first_step,
+):
+    """Take ``num_draws * thin`` steps from ``states`` (steps ``first_step, ...`` of the
+    sampling phase), keeping every ``thin``-th state; returns ``(states, (positions, stats))``
+    with a leading draw axis."""
+
+    def one_draw(states, draw_index):
+        first = first_step + draw_index * thin
+
+        def thin_step(carry, offset):
+            states, acceptance_sum, any_accepted = carry
+            states, info = step(logdensity_fn, keys, first + offset, states, step_size, proposal)
+            return (
+                states,
+                acceptance_sum + info.acceptance_rate,
+                any_accepted | info.is_accepted,
+            ), None
+
+        dtype = jnp.result_type(states.logdensity)
+        zeros = jnp.zeros(states.logdensity.shape, dtype)
+        falses = jnp.zeros(states.logdensity.shape, bool)
+        (states, acceptance_sum, any_accepted), _ = jax.lax.scan(
+            thin_step, (states, zeros, falses), jnp.arange(thin, dtype=jnp.uint32)
+        )
+        stats = {
+            "acceptance_rate": acceptance_sum / thin,
+            "is_accepted": any_accepted,
+            "lp": states.logdensity,
+        }
+        return states, (states.position, stats)
+
+    return jax.lax.scan(one_draw, states, jnp.arange(num_draws, dtype=jnp.uint32))
+
+
+@partial(jax.jit, static_argnames=("logdensity_fn", "num_draws", "thin"))
+def run_sampling(logdensity_fn, num_draws, thin, keys, states, step_size, proposal, first_step):
+    """Compiled :func:`sampling_loop`, cached per log density and array shapes."""
+    return sampling_loop(
+        logdensity_fn, num_draws, thin, keys, states, step_size, proposal, first_step
+    )

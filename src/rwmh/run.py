@@ -1,0 +1,127 @@
+"""A run of :func:`rwmh.sample` in progress: its frozen settings and everything it has done.
+
+A :class:`Run` holds all that is needed to continue it, so that a checkpoint
+(:mod:`rwmh.checkpoint`) can be written after any chunk and :func:`rwmh.resume` can pick it
+up: the settings, the key, the phase and step, the chain states, the adaptation state, the
+sampling parameters and the host buffers that the chunks fill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from rwmh import tuning
+from rwmh.kernel import FactoredCov, RWMHState
+
+__all__ = ["PHASES", "Run", "Settings"]
+
+#: The phases of a run, in order.
+PHASES = ("warmup", "sampling", "done")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run was asked to do; fixed for its whole life, resumes included."""
+
+    num_chains: int
+    num_samples: int
+    num_warmup: int
+    thin: int
+    chunk_size: int | None
+    target_acceptance_rate: float | None
+    dense: bool
+
+    def to_dict(self) -> dict:
+        """The settings as JSON-ready values (the checkpoint's ``settings`` entry)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Settings:
+        """Settings from :meth:`to_dict`'s output; ``KeyError`` or ``TypeError`` if garbled."""
+        num_chains = int(values["num_chains"])
+        chunk_size = values["chunk_size"]
+        target = values["target_acceptance_rate"]
+        return cls(
+            num_chains=num_chains,
+            num_samples=int(values["num_samples"]),
+            num_warmup=int(values["num_warmup"]),
+            thin=int(values["thin"]),
+            chunk_size=None if chunk_size is None else int(chunk_size),
+            target_acceptance_rate=None if target is None else float(target),
+            dense=bool(values["dense"]),
+        )
+
+
+def _leaf_pairs(a, b):
+    return zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+
+
+@dataclass
+class Run:
+    """A run in progress.
+
+    ``phase`` is one of :data:`PHASES`; ``next_step`` is the next warmup step, or the next
+    stored draw, to compute. ``states`` live on the device(s) in the padded layout.
+    ``parameters`` (``{"step_size", "proposal_cov"}``) and ``proposal`` (the covariance with its
+    factor) are the sampling parameters, None until sampling starts. ``warmup_trace`` (step
+    axis first) and ``draws`` (chain axis first) are host arrays allocated for the whole run
+    when the first chunk arrives and filled chunk by chunk, so the host never holds the draws
+    twice (as joining a list of chunks at the end would).
+    """
+
+    settings: Settings
+    rng_key: Any
+    phase: str
+    next_step: int
+    states: RWMHState
+    adapt: tuning.AdaptationState
+    parameters: dict | None = None
+    proposal: FactoredCov | None = None
+    warmup_trace: Any = None
+    draws: Any = None
+
+    def start_sampling(self) -> None:
+        """Fix the parameters at the end of warmup (without warmup they were given)."""
+        if self.settings.num_warmup > 0:
+            self.parameters = tuning.final(self.adapt)
+            # The adaptation keeps the factor of its covariance up to date: nothing is
+            # factored (or compiled) again here.
+            self.proposal = self.adapt.proposal
+        self.phase, self.next_step = "sampling", 0
+
+    def store_warmup(self, info, first: int) -> None:
+        """Copy a chunk of the warmup trace, ``(steps, ...)``, to rows ``first, ...``."""
+        if self.warmup_trace is None:
+            total = self.settings.num_warmup
+            self.warmup_trace = jax.tree_util.tree_map(
+                lambda x: np.empty((total, *x.shape[1:]), x.dtype), info
+            )
+        for buffer, part in _leaf_pairs(self.warmup_trace, info):
+            buffer[first : first + part.shape[0]] = part
+
+    def store_draws(self, draws, first: int) -> None:
+        """Copy a chunk of draws, ``(draw, chain, ...)``, to draws ``first, ...`` of every chain."""
+        if self.draws is None:
+            total = self.settings.num_samples
+            self.draws = jax.tree_util.tree_map(
+                lambda x: np.empty((x.shape[1], total, *x.shape[2:]), x.dtype), draws
+            )
+        for buffer, part in _leaf_pairs(self.draws, draws):
+            buffer[:, first : first + part.shape[0]] = np.swapaxes(part, 0, 1)
+
+    def completed(self):
+        """``(warmup_info, (positions, stats))`` of the steps completed so far (views), or None
+        for a part not started."""
+        num_warmup = self.next_step if self.phase == "warmup" else self.settings.num_warmup
+        num_draws = {"warmup": 0, "sampling": self.next_step, "done": None}[self.phase]
+        warmup = draws = None
+        if self.warmup_trace is not None:
+            warmup = tuning.AdaptationInfo(*(x[:num_warmup] for x in self.warmup_trace))
+        if self.draws is not None and num_draws != 0:
+            draws = jax.tree_util.tree_map(lambda x: x[:, :num_draws], self.draws)
+        return warmup, draws

@@ -1,0 +1,480 @@
+"""The tuning maths of warmup: the step size and the proposal covariance, pooled across chains.
+
+This module holds the adaptation state and its ``init`` / ``update`` / ``final`` functions, in
+the manner of BlackJAX's adaptation modules, and the schedule of windows; it knows nothing of
+chains, keys or loops (:mod:`rwmh.chains` runs it, :mod:`rwmh.adaptation` is the front door).
+
+The scheme follows Stan's windowed adaptation (Stan Reference Manual, "HMC algorithm
+parameters"), carried over to random-walk Metropolis and to many chains at once:
+
+* An initial fast phase (default 75 steps) where only the step size adapts, so that chains
+  reach the typical set.
+* Slow windows of doubling length (25, 50, 100, ...; the last one absorbs the remainder). In
+  each window the mean and covariance of the target are estimated from the draws of *all*
+  chains pooled together. Each step contributes the Rao-Blackwellised pair ``(x, 1 - a)`` and
+  ``(x', a)`` (current point and proposal weighted by the acceptance probability ``a``),
+  which is the conditional expectation of the next state and lowers the estimator's variance.
+  Every 25 steps inside a window the proposal covariance is re-estimated (as in the adaptive
+  Metropolis of Haario et al. 2001), so that the chains mix well long before the window ends;
+  these estimates merge in the previous window's draws, which fade out linearly as the
+  current window fills and no longer count once it holds twice as many, so that an estimate
+  at a window end rests on that window alone, as in Stan, and transient draws from before
+  the chains converged do not leak into the final covariance. At the end of a window the
+  proposal covariance becomes the pooled estimate, shrunk toward its own diagonal while
+  draws are few, ``w S + (1 - w) 1e-3 diag(S)`` with ``w = n / (n + 5)`` (Stan's
+  regulariser, made scale-free so that it does not distort parameters on tiny scales), and
+  the step size restarts from ``2.38 / sqrt(d)`` (Roberts, Gelman & Gilks 1997).
+* A final fast phase (default 50 steps) where only the step size adapts.
+
+The step size follows a Robbins-Monro recursion on its logarithm (Andrieu & Thoms 2008),
+``log s <- log s + (t + 1)^(-0.6) (abar - target)``, where ``abar`` is the mean acceptance
+probability over all chains, and ``t`` restarts with each window and each refresh. The value
+used after warmup is the weighted average of the iterates (weights ``t^(-0.75)``, as Stan's
+dual averaging does), which removes the recursion's noise. The default target acceptance rate
+depends on the dimension: 0.44 in one dimension falling to 0.234 as ``d`` grows (Gelman,
+Roberts & Gilks 1996; Roberts, Gelman & Gilks 1997): ``0.234 + 0.206 exp(-(d - 1) / 2)``.
+
+Adaptation stops at the end of warmup: the parameters returned are fixed, so that sampling
+afterwards is a valid (time-homogeneous) Markov chain.
+
+References
+----------
+Andrieu, C. and Thoms, J. (2008). A tutorial on adaptive MCMC. Statistics and Computing 18,
+343-373.
+
+Gelman, A., Roberts, G. O. and Gilks, W. R. (1996). Efficient Metropolis jumping rules.
+Bayesian Statistics 5, 599-607.
+
+Haario, H., Saksman, E. and Tamminen, J. (2001). An adaptive Metropolis algorithm.
+Bernoulli 7, 223-242.
+
+Roberts, G. O., Gelman, A. and Gilks, W. R. (1997). Weak convergence and optimal scaling of
+random walk Metropolis algorithms. Annals of Applied Probability 7, 110-120.
+
+Stan Development Team. Stan Reference Manual, section "Automatic parameter tuning".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.infer.hmc_util import build_adaptation_schedule
+
+from rwmh import checks
+from rwmh.kernel import FactoredCov, factor_covariance, proposal_scale
+
+__all__ = [
+    "AdaptationState",
+    "AdaptationInfo",
+    "Schedule",
+    "build_schedule",
+    "default_target_acceptance_rate",
+    "initial_step_size",
+    "init",
+    "update",
+    "final",
+    "accumulate",
+    "merge_moments",
+    "straggler_threshold",
+]
+
+Array = jax.Array
+
+#: Robbins-Monro gain exponent for the log step size.
+_GAIN_EXPONENT = 0.6
+#: Exponent of the weights that average the step-size iterates (Stan's kappa).
+_AVERAGE_EXPONENT = 0.75
+#: The previous window's draws stop counting once the current window holds this many times as
+#: many (see :func:`_refresh`).
+_FADE_RATIO = 2.0
+#: Steps between covariance refreshes inside a window.
+REFRESH_INTERVAL = 25
+
+
+class AdaptationState(NamedTuple):
+    """State of the pooled warmup adaptation.
+
+    step_size
+        The step size the kernel uses at the next step.
+    proposal
+        The current proposal covariance (``(d,)`` variances or a ``(d, d)`` matrix) with its
+        factor, a :class:`rwmh.kernel.FactoredCov`; refactored only when the covariance changes.
+        ``proposal_cov`` is a shorthand for ``proposal.covariance``.
+    log_step_size_avg
+        Weighted average of the log step-size iterates since the last restart.
+    count
+        Steps since the step-size recursion last restarted.
+    weight
+        Total weight of the pooled draws of the current slow window (one per chain and step).
+    mean
+        Weighted mean of those draws, ``(d,)``.
+    m2
+        Weighted sum of squared deviations, ``(d,)`` (diagonal) or ``(d, d)`` (dense).
+    previous_weight, previous_mean, previous_m2
+        The same statistics for the slow window before the current one. Estimates made inside
+        a window merge the two, so that they never rest on fewer draws than a whole window.
+    """
+
+    step_size: Array
+    proposal: FactoredCov
+    log_step_size_avg: Array
+    count: Array
+    weight: Array
+    mean: Array
+    m2: Array
+    previous_weight: Array
+    previous_mean: Array
+    previous_m2: Array
+
+    @property
+    def proposal_cov(self) -> Array:
+        return self.proposal.covariance
+
+
+class AdaptationInfo(NamedTuple):
+    """Trace of the warmup, one row per step.
+
+    acceptance_rate
+        Acceptance probability of every chain, ``(num_steps, num_chains)``.
+    step_size
+        Step size used at each step, ``(num_steps,)``.
+    """
+
+    acceptance_rate: Array
+    step_size: Array
+
+
+def default_target_acceptance_rate(dimension: int) -> float:
+    """Asymptotically optimal random-walk acceptance rate for ``dimension`` parameters.
+
+    0.44 in one dimension, falling to 0.234 as the dimension grows (Gelman, Roberts & Gilks
+    1996; Roberts, Gelman & Gilks 1997).
+    """
+    return 0.234 + 0.206 * math.exp(-(dimension - 1) / 2.0)
+
+
+def initial_step_size(dimension: int) -> float:
+    """The optimal scale ``2.38 / sqrt(d)`` for a proposal covariance equal to the target's."""
+    return 2.38 / math.sqrt(dimension)
+
+
+class Schedule(NamedTuple):
+    """Stan's warmup windows, one entry per warmup step (boolean arrays of equal length).
+
+    slow_window
+        The step belongs to a slow window (its draws estimate the covariance).
+    window_end
+        The last step of a slow window: the covariance is updated and the step size restarts.
+    refresh
+        Every ``refresh_interval`` steps into a window: the covariance is re-estimated before
+        the window ends.
+    restart
+        The end of every slow window but the last: chains stranded far from the others
+        restart from another chain's state (see :func:`rwmh.chains.restart_stragglers`).
+
+    A PyTree: ``lax.scan`` over it gives one row (a ``Schedule`` of scalars) per step.
+    """
+
+    slow_window: Any
+    window_end: Any
+    refresh: Any
+    restart: Any
+
+    @property
+    def num_steps(self) -> int:
+        return int(np.shape(self.slow_window)[0])
+
+    def steps(self, first: int, length: int) -> Schedule:
+        """The rows of steps ``first, ..., first + length - 1``."""
+        return Schedule(*(column[first : first + length] for column in self))
+
+    def at(self, index) -> Schedule:
+        """The row of step ``index`` (which may be traced)."""
+        return Schedule(*(jnp.asarray(column)[index] for column in self))
+
+
+def build_schedule(num_steps: int, refresh_interval: int = REFRESH_INTERVAL) -> Schedule:
+    """Stan's warmup windows for ``num_steps`` steps, as a :class:`Schedule`.
+
+    The window boundaries are NumPyro's (``numpyro.infer.hmc_util.build_adaptation_schedule``,
+    the same as Stan's and BlackJAX's: a 75-step initial buffer, slow windows of 25, 50, 100,
+    ... steps, the last absorbing what would be too short to stand alone, and a 50-step final
+    buffer; 15% and 10% buffers when those do not fit; no slow window below 20 steps). The
+    ``refresh`` and ``restart`` columns are rwmh's own: the in-window covariance refreshes and
+    the straggler restarts that random-walk warmup needs and Stan's does not have.
+
+    Parameters
+    ----------
+    num_steps
+        Number of warmup steps.
+    refresh_interval
+        Steps between covariance refreshes inside a window (0 disables them).
+
+    Examples
+    --------
+    >>> from rwmh.tuning import build_schedule
+    >>> schedule = build_schedule(1000)
+    >>> [int(i) + 1 for i in schedule.window_end.nonzero()[0]]
+    [100, 150, 250, 450, 950]
+    """
+    num_steps = checks.check_int(num_steps, "num_steps", 0)
+    columns = np.zeros((4, num_steps), dtype=bool)
+    slow_window, window_end, refresh, restart = columns
+    if num_steps >= 20:
+        # NumPyro's list is (initial buffer, slow windows..., final buffer), ends inclusive.
+        windows = build_adaptation_schedule(num_steps)[1:-1]
+        for number, (start, last) in enumerate(windows):
+            slow_window[start : last + 1] = True
+            window_end[last] = True
+            # Stranded chains restart at every window end but the last.
+            restart[last] = number < len(windows) - 1
+            if refresh_interval > 0:
+                refresh[start + refresh_interval - 1 : last : refresh_interval] = True
+    return Schedule(slow_window, window_end, refresh, restart)
+
+
+def init(
+    dimension: int,
+    dtype: Any,
+    step_size: Any = None,
+    proposal_cov: Any = None,
+    dense: bool = True,
+) -> AdaptationState:
+    """Start the adaptation from a step size and a proposal covariance (defaults: ``2.38 /
+    sqrt(d)`` and the identity)."""
+    if step_size is None:
+        step_size = initial_step_size(dimension)
+    if proposal_cov is None:
+        proposal_cov = jnp.eye(dimension, dtype=dtype) if dense else jnp.ones(dimension, dtype)
+    proposal_cov = jnp.asarray(proposal_cov, dtype)
+    if dense and proposal_cov.ndim == 1:
+        proposal_cov = jnp.diag(proposal_cov)
+    elif not dense and proposal_cov.ndim == 2:
+        proposal_cov = jnp.diag(proposal_cov)
+    factor = proposal_scale(proposal_cov, dimension)
+    step_size = jnp.asarray(step_size, dtype)
+    return AdaptationState(
+        step_size=step_size,
+        proposal=FactoredCov(proposal_cov, factor),
+        log_step_size_avg=jnp.log(step_size),
+        count=jnp.zeros((), jnp.int32),
+        weight=jnp.zeros((), dtype),
+        mean=jnp.zeros(dimension, dtype),
+        m2=jnp.zeros_like(proposal_cov),
+        previous_weight=jnp.zeros((), dtype),
+        previous_mean=jnp.zeros(dimension, dtype),
+        previous_m2=jnp.zeros_like(proposal_cov),
+    )
+
+
+def merge_moments(weight_a, mean_a, m2_a, weight_b, mean_b, m2_b):
+    """Merge two sets of weighted moments (Chan, Golub & LeVeque 1979); either may be empty.
+
+    Our own rather than a library's: the weights are the Rao-Blackwellised acceptance
+    probabilities (fractional, possibly zero), and ``m2`` is a full ``d x d`` matrix or its
+    diagonal, updated inside the compiled warmup loop.
+    """
+    total = weight_a + weight_b
+    # An empty pair must merge to the other set, not to NaN.
+    fraction = jnp.where(total > 0, weight_b / jnp.where(total > 0, total, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + fraction * delta
+    correction = weight_a * fraction
+    if m2_a.ndim == 2:
+        m2 = m2_a + m2_b + correction * jnp.outer(delta, delta)
+    else:
+        m2 = m2_a + m2_b + correction * delta * delta
+    return total, mean, m2
+
+
+def accumulate(state: AdaptationState, points: Array, weights: Array) -> AdaptationState:
+    """Merge weighted points ``(n, d)`` into the current window's moments."""
+    batch_weight = jnp.sum(weights)
+    batch_mean = weights @ points / jnp.where(batch_weight > 0, batch_weight, 1.0)
+    centred = points - batch_mean
+    if state.m2.ndim == 2:
+        batch_m2 = (centred * weights[:, None]).T @ centred
+    else:
+        batch_m2 = weights @ (centred * centred)
+    weight, mean, m2 = merge_moments(
+        state.weight, state.mean, state.m2, batch_weight, batch_mean, batch_m2
+    )
+    return state._replace(weight=weight, mean=mean, m2=m2)
+
+
+def _regularised_covariance(m2: Array, weight: Array) -> Array:
+    """The pooled covariance shrunk toward its diagonal, ``w S + (1 - w) 1e-3 diag(S)``.
+
+    ``weight`` counts chain-steps (each contributes weight one), so the shrinkage vanishes as
+    draws accumulate; it is Stan's regulariser made scale-free, so that it does not distort
+    parameters on tiny scales.
+    """
+    covariance = m2 / weight
+    w = weight / (weight + 5.0)
+    if covariance.ndim == 1:
+        return w * covariance + (1.0 - w) * 1e-3 * covariance
+    return w * covariance + (1.0 - w) * 1e-3 * jnp.diag(jnp.diag(covariance))
+
+
+def _refresh(state: AdaptationState, window_end: Array, dimension: int) -> AdaptationState:
+    """New proposal covariance from the current and the previous window's pooled draws.
+
+    Inside a window (``window_end`` False) the covariance improves as draws come in, so that
+    the chains mix better for the rest of the window (as in Haario et al. 2001); the step
+    size keeps its value and its recursion restarts. At a window end the step size also
+    restarts from ``2.38 / sqrt(d)`` and the current window becomes the previous one.
+    """
+    # The previous window's draws fade out as the current window's accumulate: they fill in
+    # for a window that has only just begun, but they were made with a worse proposal and
+    # possibly before the chains converged, so once the current window holds twice as many
+    # draws they no longer count. With doubling windows an estimate at a window end thus rests
+    # on that window alone, as in Stan.
+    has_previous = state.previous_weight > 0
+    fade = jnp.clip(
+        1.0 - state.weight / (_FADE_RATIO * jnp.where(has_previous, state.previous_weight, 1.0)),
+        0.0,
+        1.0,
+    )
+    fade = jnp.where(has_previous, fade, 0.0)
+    weight, _, m2 = merge_moments(
+        fade * state.previous_weight,
+        state.previous_mean,
+        fade * state.previous_m2,
+        state.weight,
+        state.mean,
+        state.m2,
+    )
+    covariance = _regularised_covariance(m2, weight)
+    variances = covariance if covariance.ndim == 1 else jnp.diag(covariance)
+    factor = factor_covariance(covariance)
+    # Chains that did not move at all carry no information about the target's shape (and a
+    # singular estimate cannot be factored): keep the previous covariance then.
+    usable = jnp.all(jnp.isfinite(factor)) & jnp.all(variances > 0) & (weight > 0)
+    covariance = jnp.where(usable, covariance, state.proposal.covariance)
+    factor = jnp.where(usable, factor, state.proposal.factor)
+    restart = jnp.asarray(initial_step_size(dimension), state.step_size.dtype)
+    step_size = jnp.where(usable & window_end, restart, state.step_size)
+
+    def rotate(current, previous):
+        return jnp.where(window_end, current, previous)
+
+    return state._replace(
+        proposal=FactoredCov(covariance, factor),
+        step_size=step_size,
+        log_step_size_avg=jnp.log(step_size),
+        count=jnp.zeros_like(state.count),
+        weight=jnp.where(window_end, 0.0, state.weight).astype(state.weight.dtype),
+        mean=jnp.where(window_end, 0.0, state.mean).astype(state.mean.dtype),
+        m2=jnp.where(window_end, 0.0, state.m2).astype(state.m2.dtype),
+        previous_weight=rotate(state.weight, state.previous_weight),
+        previous_mean=rotate(state.mean, state.previous_mean),
+        previous_m2=rotate(state.m2, state.previous_m2),
+    )
+
+
+def update(
+    state: AdaptationState,
+    schedule_row: Schedule,
+    flat_positions: Array,
+    flat_proposals: Array,
+    acceptance_rates: Array,
+    target_acceptance_rate: float,
+    chain_mask: Array | None = None,
+) -> AdaptationState:
+    """One adaptation step from the transitions of all chains.
+
+    Parameters
+    ----------
+    state
+        The adaptation state.
+    schedule_row
+        The :class:`Schedule` row of this step (its ``restart`` concerns the chain states,
+        not this function).
+    flat_positions, flat_proposals
+        ``(num_chains, d)`` flattened positions before the step and the proposals made; a
+        single chain may also pass ``(d,)``.
+    acceptance_rates
+        ``(num_chains,)`` acceptance probabilities of those proposals (or a scalar for one
+        chain).
+    target_acceptance_rate
+        The acceptance rate the step size is tuned toward.
+    chain_mask
+        Optional ``(num_chains,)`` booleans; chains marked False (padding that fills devices)
+        take no part in the pooled statistics. None: every chain counts.
+
+    Returns
+    -------
+    The updated :class:`AdaptationState`.
+    """
+    dtype = state.step_size.dtype
+    flat_positions = jnp.atleast_2d(flat_positions)
+    flat_proposals = jnp.atleast_2d(flat_proposals)
+    acceptance_rates = jnp.atleast_1d(acceptance_rates)
+    in_slow_window = schedule_row.slow_window
+    window_end, refresh = schedule_row.window_end, schedule_row.refresh
+    dimension = flat_positions.shape[-1]
+    acceptance_rates = jnp.where(jnp.isfinite(acceptance_rates), acceptance_rates, 0.0)
+    if chain_mask is None:
+        chain_weights = 1.0
+        mean_acceptance = jnp.mean(acceptance_rates).astype(dtype)
+    else:
+        # Weight zero for a masked chain, here and in the window's covariance below, gives the
+        # statistics of the chains without the padding.
+        chain_weights = chain_mask.astype(acceptance_rates.dtype)
+        acceptance_rates = acceptance_rates * chain_weights
+        mean_acceptance = (jnp.sum(acceptance_rates) / jnp.sum(chain_weights)).astype(dtype)
+
+    # Step size: Robbins-Monro on log s with the pooled acceptance, then averaged iterates.
+    count = state.count + 1
+    t = count.astype(dtype)
+    log_step_size = jnp.log(state.step_size) + t ** (-_GAIN_EXPONENT) * (
+        mean_acceptance - target_acceptance_rate
+    )
+    average_weight = t ** (-_AVERAGE_EXPONENT)
+    log_step_size_avg = (
+        average_weight * log_step_size + (1.0 - average_weight) * state.log_step_size_avg
+    )
+    new_state = state._replace(
+        step_size=jnp.exp(log_step_size).astype(dtype),
+        log_step_size_avg=log_step_size_avg.astype(dtype),
+        count=count,
+    )
+
+    # Covariance: Rao-Blackwellised pooled draws while inside a slow window. The next state
+    # is the proposal with probability a and the current point otherwise, so weighting both
+    # by those probabilities gives the conditional expectation of each statistic.
+    points = jnp.concatenate([flat_positions, flat_proposals]).astype(dtype)
+    weights = jnp.concatenate([chain_weights - acceptance_rates, acceptance_rates]).astype(dtype)
+    # A rejected proposal (weight 0) may lie at +-inf when the step overflowed, and 0 * inf is
+    # NaN: it would poison the window's moments (no covariance update, no step-size restart for
+    # this window and the next). Points of weight 0 count for nothing, so any value will do.
+    points = jnp.where(weights[:, None] > 0, points, jnp.zeros_like(points))
+    accumulated = accumulate(new_state, points, weights)
+    new_state = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(in_slow_window, a, b), accumulated, new_state
+    )
+    return jax.lax.cond(
+        in_slow_window & (window_end | refresh),
+        lambda s: _refresh(s, window_end, dimension),
+        lambda s: s,
+        new_state,
+    )
+
+
+def final(state: AdaptationState) -> dict:
+    """The adapted ``{"step_size", "proposal_cov"}``: the averaged step size is used."""
+    return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
+
+
+def straggler_threshold(dimension: int) -> float:
+    """How far below the chains' median log density a chain must be to count as stranded.
+
+    Draws from a roughly Gaussian posterior in ``d`` dimensions have log densities spread
+    with sd ``sqrt(d / 2)`` (half a chi-squared), so ``20 + 5 sqrt(d)`` is more than seven of
+    those sds for any ``d``: a chain in the typical set is never that far below the median.
+    """
+    return 20.0 + 5.0 * math.sqrt(dimension)
