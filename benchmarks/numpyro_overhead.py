@@ -51,6 +51,17 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
+def vectorized_mcmc(model, num_chains: int, num_warmup: int, num_samples: int) -> MCMC:
+    return MCMC(
+        RWMH(model),
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
+
+
 def nbytes(tree) -> int:
     return sum(int(np.asarray(leaf).nbytes) for leaf in jax.tree_util.tree_leaves(tree))
 
@@ -62,14 +73,7 @@ def carry_report(num_chains: int, dimension: int, warmup: int, samples: int, rep
     def gaussian():
         numpyro.sample("theta", dist.Normal(0.0, scales).to_event(1))
 
-    mcmc = MCMC(
-        RWMH(gaussian),
-        num_warmup=warmup,
-        num_samples=samples,
-        num_chains=num_chains,
-        chain_method="vectorized",
-        progress_bar=False,
-    )
+    mcmc = vectorized_mcmc(gaussian, num_chains, warmup, samples)
 
     @jax.jit
     def run(key):
@@ -104,14 +108,7 @@ def main(argv=None):
     key = jax.random.key(1)
 
     def make_mcmc():
-        return MCMC(
-            RWMH(linear_regression),
-            num_warmup=args.warmup,
-            num_samples=args.samples,
-            num_chains=args.chains,
-            chain_method="vectorized",
-            progress_bar=False,
-        )
+        return vectorized_mcmc(linear_regression, args.chains, args.warmup, args.samples)
 
     traced_mcmc = make_mcmc()
 

@@ -107,12 +107,14 @@ def initial_state(
 ):
     """Batched chain states and a fresh :class:`rwmh.tuning.AdaptationState` for ``positions``.
 
-    ``proposal_cov`` is validated against the positions' dimension here, outside ``jit`` where
-    its values are concrete, and only here; errors call it ``cov_name``.
+    ``proposal_cov`` (an array, None, or a :class:`rwmh.kernel.FactoredCov` that the caller
+    has validated already) is validated against the positions' dimension here, outside
+    ``jit`` where its values are concrete; errors call it ``cov_name``.
     """
-    if proposal_cov is not None:
-        factor_proposal_cov(proposal_cov, flat_dimension(positions), name=cov_name)
-    return _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense)
+    if not isinstance(proposal_cov, FactoredCov):
+        proposal_cov = factor_proposal_cov(proposal_cov, flat_dimension(positions), cov_name)
+    covariance = proposal_cov.covariance
+    return _initial_state(logdensity_fn, positions, step_size, covariance, dense)
 
 
 @partial(jax.jit, static_argnames=("logdensity_fn", "dense"))

@@ -461,7 +461,9 @@ def sample(
     layout = Layout(mesh, num_chains)
     if mesh is not None:
         positions = layout.chains(positions)
-    states, adapt = chains.initial_state(logdensity_fn, positions, step_size, proposal_cov, dense)
+    # Validated once, here: warmup starts from it, or sampling uses it as it is.
+    proposal = factor_proposal_cov(proposal_cov, chains.flat_dimension(positions))
+    states, adapt = chains.initial_state(logdensity_fn, positions, step_size, proposal, dense)
     checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")
     settings = Settings(
         num_chains=num_chains,
@@ -475,7 +477,6 @@ def sample(
     run = Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
     if num_warmup == 0:
         run.parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
-        # Validated in initial_state already: this only factors it.
-        run.proposal = factor_proposal_cov(proposal_cov, chains.flat_dimension(positions))
+        run.proposal = proposal
         run.phase = "sampling"
     return _drive(run, logdensity_fn, layout, checkpoint, progress_bar)

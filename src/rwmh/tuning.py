@@ -62,7 +62,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.infer.hmc_util import build_adaptation_schedule
 
 from rwmh import checks
 from rwmh.kernel import FactoredCov, factor_covariance, proposal_scale
@@ -221,6 +220,9 @@ def build_schedule(num_steps: int, refresh_interval: int = REFRESH_INTERVAL) -> 
     >>> [int(i) + 1 for i in schedule.window_end.nonzero()[0]]
     [100, 150, 250, 450, 950]
     """
+    # Imported here: NumPyro takes seconds to import, and `import rwmh` should not pay that.
+    from numpyro.infer.hmc_util import build_adaptation_schedule
+
     num_steps = checks.check_int(num_steps, "num_steps", 0)
     columns = np.zeros((4, num_steps), dtype=bool)
     slow_window, window_end, refresh, restart = columns
