@@ -236,6 +236,32 @@ def test_dense_proposal_is_factored_once_not_per_step():
         jnp.linalg.cholesky = saved
 
 
+def test_low_level_kernel_takes_a_factored_covariance_as_it_is():
+    """``build_kernel()``'s kernel factors a covariance array on every call, but uses a
+    ``FactoredCov`` as it is: same step, no factorisation, dimension still checked."""
+    from rwmh.kernel import factor_proposal_cov
+
+    logdensity = lambda x: -0.5 * jnp.sum(x**2)
+    covariance = jnp.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.1], [0.0, 0.1, 0.5]])
+    factored = factor_proposal_cov(covariance)
+    kernel = rwmh.build_kernel()
+    state = rwmh.init(jnp.ones(3), logdensity)
+    key = jax.random.key(4)
+    calls = []
+    original = jnp.linalg.cholesky
+    jnp.linalg.cholesky = lambda matrix: (calls.append(1), original(matrix))[1]
+    try:
+        from_array, _ = kernel(key, state, logdensity, 0.7, covariance)
+        assert len(calls) == 1
+        from_factor, _ = kernel(key, state, logdensity, 0.7, factored)
+        assert len(calls) == 1
+    finally:
+        jnp.linalg.cholesky = original
+    np.testing.assert_array_equal(from_array.position, from_factor.position)
+    with pytest.raises(ValueError, match="proposal_cov"):
+        kernel(key, rwmh.init(jnp.ones(2), logdensity), logdensity, 0.7, factored)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
