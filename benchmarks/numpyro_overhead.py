@@ -63,7 +63,12 @@ def vectorized_mcmc(model, num_chains: int, num_warmup: int, num_samples: int) -
 
 
 def nbytes(tree) -> int:
-    return sum(int(np.asarray(leaf).nbytes) for leaf in jax.tree_util.tree_leaves(tree))
+    def data(leaf):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(leaf)
+        return leaf
+
+    return sum(int(np.asarray(data(leaf)).nbytes) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def carry_report(num_chains: int, dimension: int, warmup: int, samples: int, repeats: int):

@@ -8,10 +8,12 @@ rate and the largest split R-hat (Gelman et al. 2013, sec. 11.4) over all scalar
 R-hat is NumPyro's (``numpyro.diagnostics.split_gelman_rubin``) on the draws so far, kept
 cheap so that the bar costs a few percent of sampling at most: each chunk is thinned to at most
 ``RHAT_DRAWS_PER_CHUNK`` evenly spaced draws, and when more than ``RHAT_MAX_DRAWS`` per chain
-have gathered every other one is dropped (and later chunks are thinned alike), so an update
-costs a bounded pass whatever the chunk length and the number of draws so far. Thinning leaves
-split R-hat's meaning intact; it only makes it noisier. This is the classic split R-hat, a
-live indicator; the rank-normalised R-hat that ArviZ reports at the end can differ slightly.
+(or ``RHAT_MAX_VALUES`` numbers in all) have gathered every other one is dropped (and later
+chunks are thinned alike), so a computation costs a bounded pass whatever the chunk length and
+the number of draws so far; it is redone at most every ``RHAT_INTERVAL`` seconds (and at the
+end of a phase). Thinning leaves split R-hat's meaning intact; it only makes it noisier. This
+is the classic split R-hat, a live indicator; the rank-normalised R-hat that ArviZ reports at
+the end can differ slightly.
 
 References
 ----------
@@ -36,6 +38,8 @@ __all__ = [
     "DEFAULT_UPDATES",
     "RHAT_DRAWS_PER_CHUNK",
     "RHAT_MAX_DRAWS",
+    "RHAT_MAX_VALUES",
+    "RHAT_INTERVAL",
 ]
 
 #: How many times a phase's bar is updated when the driver chooses the chunk length.
@@ -44,6 +48,10 @@ DEFAULT_UPDATES = 20
 RHAT_DRAWS_PER_CHUNK = 100
 #: Draws per chain kept for the live R-hat; beyond, every other one is dropped.
 RHAT_MAX_DRAWS = 1000
+#: Numbers (draws x chains x components) kept for the live R-hat, when more than 8 draws.
+RHAT_MAX_VALUES = 2_000_000
+#: Seconds between two computations of the live R-hat at least (it costs milliseconds).
+RHAT_INTERVAL = 1.0
 #: Seconds between two redraws of the bar at least.
 MIN_REDRAW_INTERVAL = 0.1
 
@@ -130,8 +138,10 @@ class _RhatDraws:
             return
         self.num_chunks += 1
         self.draws = flat if self.draws is None else np.concatenate([self.draws, flat])
-        while self.draws.shape[0] > RHAT_MAX_DRAWS:
+        num_draws = self.draws.shape[0]
+        while num_draws > RHAT_MAX_DRAWS or (self.draws.size > RHAT_MAX_VALUES and num_draws > 8):
             self.draws, self.stride = self.draws[::2], 2 * self.stride
+            num_draws = self.draws.shape[0]
 
     def value(self) -> float:
         return math.nan if self.num_chunks < 2 else _max_split_rhat(self.draws)
@@ -184,6 +194,8 @@ class ProgressBar:
         self._acceptance_count = 0
         self._rhat = _RhatDraws()
         self._with_rhat = False
+        self._shown_rhat = math.nan
+        self._rhat_time = -math.inf
         self._steps_not_shown = 0
         self._last_redraw = time.monotonic()
         # The bar redraws when _apply says so (mininterval=0), never on tqdm's own clock.
@@ -236,17 +248,21 @@ class ProgressBar:
             self._rhat.add(_flat_draws(draws, RHAT_DRAWS_PER_CHUNK))
             self._with_rhat = True
         self._steps_not_shown += num_steps
-        # At most ~10 redraws a second: a terminal write costs about half a millisecond and
-        # R-hat a fraction of one, which adds up when chunks are short. close() draws the end.
+        # At most ~10 redraws a second: a terminal write costs about half a millisecond, which
+        # adds up when chunks are short. close() draws the end.
         if time.monotonic() - self._last_redraw >= MIN_REDRAW_INTERVAL:
             self._redraw()
 
-    def _redraw(self) -> None:
+    def _redraw(self, final: bool = False) -> None:
         if self._bar is None:
             return
         postfix = f"acc={self.mean_acceptance_rate:.3f}"
         if self._with_rhat:
-            postfix += f" max_rhat={self.rhat:.3f}"
+            now = time.monotonic()
+            stale = now - self._rhat_time >= RHAT_INTERVAL or not math.isfinite(self._shown_rhat)
+            if final or stale:
+                self._shown_rhat, self._rhat_time = self.rhat, now
+            postfix += f" max_rhat={self._shown_rhat:.3f}"
         self._bar.set_postfix_str(postfix, refresh=False)
         self._bar.update(self._steps_not_shown)
         self._steps_not_shown = 0
@@ -258,7 +274,7 @@ class ProgressBar:
             pending, self._pending = self._pending, None
             self._apply(*pending)
         if self._bar is not None:
-            self._redraw()
+            self._redraw(final=True)
             self._bar.close()
             self._bar = None
 
