@@ -307,3 +307,16 @@ def test_a_python_float_logdensity(x64):
         assert bool(info.is_accepted) and state.position.dtype == dtype
         state, info = jax.jit(algo.step)(jax.random.key(1), state)
         assert bool(info.is_accepted) and state.position.dtype == dtype
+
+
+def test_low_level_kernel_with_a_dense_covariance_closed_over_inside_jit():
+    """A concrete dense ``proposal_cov`` captured by a jitted step factors to a tracer there;
+    its check must not try to read that tracer's value."""
+    logdensity = lambda x: -0.5 * jnp.sum(x**2)
+    covariance = jnp.array([[2.0, 0.3], [0.3, 1.0]])
+    kernel = rwmh.build_kernel()
+    step = jax.jit(lambda key, state: kernel(key, state, logdensity, 0.5, covariance))
+    state = rwmh.init(jnp.zeros(2), logdensity)
+    new, _ = step(jax.random.key(0), state)
+    expected, _ = kernel(jax.random.key(0), state, logdensity, 0.5, covariance)
+    np.testing.assert_allclose(new.position, expected.position, rtol=1e-6)

@@ -215,7 +215,9 @@ def proposal_scale(
         ):
             raise ValueError(f"{name} must be a finite, symmetric matrix.")
     lower = factor_covariance(proposal_cov)
-    if concrete and not bool(jnp.all(jnp.isfinite(lower))):
+    # Only a concrete factor can be checked: a covariance closed over inside jit is concrete,
+    # but its factor is traced.
+    if not isinstance(lower, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(lower))):
         raise ValueError(f"{name} must be positive definite (its Cholesky factor failed).")
     return lower
 
