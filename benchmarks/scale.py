@@ -225,7 +225,7 @@ def _throughput_table(counts, steps, budget):
         else:
             cells += [f"{'n/a':>11}", f"{'n/a':>15}"]
         ratio = None if warmup_s is None or sampling_s is None else sampling_s / warmup_s
-        cells.append(f"{'n/a' if ratio is None else format(ratio, '.2f'):>10}")
+        cells.append(f"{'n/a' if ratio is None else format(ratio, '.3g'):>10}")
         per_chain = None if warmup_s is None else 1e6 * warmup_s / num_chains
         cells.append(f"{'n/a' if per_chain is None else format(per_chain, '.1f'):>16}")
         growth = None
@@ -263,7 +263,7 @@ def _summary(rows, counts):
         every = len(measured) == len(counts) and worst["ratio"] >= 0.5
         print(
             f"  warmup chain-steps/s >= 0.5 x sampling at every count {counts[0]}..{counts[-1]}: "
-            f"{'yes' if every else 'no'} (lowest {worst['ratio']:.2f} at {worst['num_chains']} "
+            f"{'yes' if every else 'no'} (lowest {worst['ratio']:.3g} at {worst['num_chains']} "
             f"chains; {len(measured)} of {len(counts)} counts measured)"
         )
     growths = [row for row in rows if row["growth"] is not None]
