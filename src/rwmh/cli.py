@@ -365,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     regress.add_argument("--out", metavar="FILE.nc", help="write the ArviZ data as netCDF")
     regress.add_argument("--plot", metavar="FILE.png", help="write trace and posterior plots")
     regress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    regress.add_argument(
+        "--no-compilation-cache",
+        action="store_true",
+        help="do not keep compiled code in the user's cache directory (also: "
+        "RWMH_NO_COMPILATION_CACHE=1)",
+    )
     regress.set_defaults(run=_regress)
     return parser
 
@@ -384,6 +390,10 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # usage errors and --help; argparse has printed the line
         return int(exit_.code or 0)
+    if not getattr(args, "no_compilation_cache", False):
+        from rwmh.compilation_cache import enable_for_command_line
+
+        enable_for_command_line(f"{parser.prog} {args.command}")
     try:
         return args.run(args)
     except InputError as error:
