@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,26 +168,87 @@ def test_update_with_one_chain_and_under_vmap():
     np.testing.assert_allclose(factor @ factor.T, pooled.proposal_cov, rtol=1e-4, atol=1e-6)
 
 
-def test_stranded_chains_restart_from_others():
-    """A chain far below the others' median log density (or at a non-finite one) restarts from
-    the state of a chain in the bulk; chains in the bulk are left alone."""
-    logdensity = jnp.asarray([0.0, -1.0, -2.0, -1000.0, jnp.nan, -3.0])
-    positions = jnp.arange(6.0)[:, None] * jnp.ones((6, 2))
-    states = rwmh.RWMHState(positions, logdensity)
-    restarted = chains.restart_stragglers(states, 2)
-    position, restarted_logdensity = np.asarray(restarted.position), restarted.logdensity
-    bulk = [0, 1, 2, 5]
-    np.testing.assert_array_equal(position[bulk], np.asarray(positions)[bulk])
-    for chain in (3, 4):
-        donor = int(position[chain, 0])
-        assert donor in bulk
-        # The whole state moves: position and its log density together.
-        assert float(restarted_logdensity[chain]) == float(logdensity[donor])
-    # One chain, or all chains non-finite: nothing to restart from.
-    single = rwmh.RWMHState(positions[:1], jnp.asarray([-5.0]))
-    np.testing.assert_array_equal(chains.restart_stragglers(single, 2).position, single.position)
-    lost = rwmh.RWMHState(positions[:2], jnp.asarray([-jnp.inf, jnp.nan]))
-    np.testing.assert_array_equal(chains.restart_stragglers(lost, 2).position, positions[:2])
+def _far_start_positions(num_chains=8, far=(3,)):
+    """Chains of a narrow 2-d Gaussian (sd 0.1) at its mode, but ``far`` ones 1000 sds off:
+    a random walk with steps fit for the bulk needs far more than a warmup to come back."""
+    positions = np.zeros((num_chains, 2), np.float32)
+    positions[list(far)] = 100.0
+    return jnp.asarray(positions)
+
+
+def _narrow(x):
+    return -0.5 * jnp.sum((x / 0.1) ** 2)
+
+
+def test_stranded_chains_restart_reported_and_warned():
+    """A chain stranded far below the others restarts from a chain in the typical set; the
+    warmup trace counts it, the result reports where, and a warning says so."""
+    positions = _far_start_positions()
+    with pytest.warns(RuntimeWarning, match=r"warmup restarted 1 stranded chain .*step 100"):
+        result = rwmh.sample(
+            jax.random.key(0),
+            _narrow,
+            positions,
+            num_samples=50,
+            num_warmup=500,
+            progress_bar=False,
+        )
+    assert result.extra["restarted_chains"] == {100: 1}
+    assert int(np.sum(result.warmup_info.num_restarted)) == 1
+    assert float(np.max(np.abs(result.positions))) < 1.0
+    with pytest.warns(RuntimeWarning, match="restarted 1 stranded chain"):
+        (_, _), info = rwmh.window_adaptation(_narrow).run(jax.random.key(0), positions, 500)
+    assert int(np.sum(info.num_restarted)) == 1
+
+
+def test_restarts_can_be_turned_off():
+    """With restart_stranded=False no chain is moved and nothing is warned (the same run
+    restarts one chain with restarts on, as the test above shows)."""
+    positions = _far_start_positions()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = rwmh.sample(
+            jax.random.key(0),
+            _narrow,
+            positions,
+            num_samples=50,
+            num_warmup=500,
+            progress_bar=False,
+            restart_stranded=False,
+        )
+        _, info = rwmh.window_adaptation(_narrow, restart_stranded=False).run(
+            jax.random.key(0), positions, 500
+        )
+    assert result.extra["restarted_chains"] == {}
+    assert int(np.sum(result.warmup_info.num_restarted)) == 0
+    assert int(np.sum(info.num_restarted)) == 0
+
+
+def test_equal_mass_modes_keep_their_chains():
+    """Two modes of equal mass and different widths, 2 of 8 chains started in the wide one:
+    the restart rule moves none of them (the median rule it replaced measured the wide
+    mode's chains against the narrow mode's median), so the wide mode keeps its draws.
+    The pooled proposal lets chains cross between these modes, so no chain's mode is fixed."""
+
+    def bimodal(x):
+        narrow = -0.5 * jnp.sum((x + 10.0) ** 2)
+        wide = -0.5 * jnp.sum(((x - 10.0) / 2.0) ** 2) - 2 * jnp.log(2.0)
+        return jnp.logaddexp(narrow, wide)
+
+    positions = jnp.asarray([[10.0, 10.0]] * 2 + [[-10.0, -10.0]] * 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = rwmh.sample(
+            jax.random.key(1),
+            bimodal,
+            positions,
+            num_samples=200,
+            num_warmup=1000,
+            progress_bar=False,
+        )
+    assert result.extra["restarted_chains"] == {}
+    assert int(np.sum(result.warmup_info.num_restarted)) == 0
+    assert np.mean(result.positions[..., 0] > 0) > 0.05
 
 
 # --- the schedule and the compiled loop -----------------------------------------------------

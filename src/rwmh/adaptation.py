@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwmh import chains, checks, tuning
+from rwmh import chains, checks, stragglers, tuning
 from rwmh.kernel import RWMHState, check_step_size, proposal_scale
 
 __all__ = ["AdaptationResults", "WindowAdaptation", "window_adaptation"]
@@ -40,6 +40,7 @@ def window_adaptation(
     dense: bool = True,
     initial_step_size: float | None = None,
     initial_proposal_cov: Any = None,
+    restart_stranded: bool = True,
 ) -> WindowAdaptation:
     """Warmup that adapts ``step_size`` and ``proposal_cov`` with statistics pooled across chains.
 
@@ -54,6 +55,11 @@ def window_adaptation(
         Estimate a dense covariance (True) or only the variances (False).
     initial_step_size, initial_proposal_cov
         Starting values; by default ``2.38 / sqrt(d)`` and the identity.
+    restart_stranded
+        At the end of every slow window but the last, move chains whose log density is far
+        below the best chains' onto the states of chains in the typical set (the rule and its
+        limits are in :mod:`rwmh.stragglers`). Every restart is counted in
+        ``info.num_restarted`` and announced with a ``RuntimeWarning``; False turns it off.
 
     Returns
     -------
@@ -77,6 +83,7 @@ def window_adaptation(
         target_acceptance_rate, "target_acceptance_rate"
     )
     dense = checks.check_bool(dense, "dense")
+    restart_stranded = checks.check_bool(restart_stranded, "restart_stranded")
     check_step_size(initial_step_size, "initial_step_size")
     if initial_proposal_cov is not None:
         proposal_scale(initial_proposal_cov, name="initial_proposal_cov")
@@ -96,13 +103,14 @@ def window_adaptation(
             cov_name="initial_proposal_cov",
         )
         checks.check_finite_logdensity(states.logdensity, "positions")
-        schedule = tuning.build_schedule(num_steps)
+        schedule = tuning.build_schedule(num_steps, restart_stranded=restart_stranded)
         step_indices = np.arange(num_steps, dtype=np.uint32)
         # The run's key is the warmup key (see rwmh.chains on keys).
         keys = chains.chain_keys(rng_key, num_chains)
         states, adapt, info = chains.run_warmup(
             logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule
         )
+        stragglers.warn_restarts(stragglers.restarts_by_step(info.num_restarted))
         return AdaptationResults(states, tuning.final(adapt)), info
 
     return WindowAdaptation(run)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from rwmh import checks, tuning
+from rwmh import checks, stragglers, tuning
 from rwmh.kernel import FactoredCov, RWMHState, build_kernel, factor_proposal_cov, init
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "flat_dimension",
     "init_states",
     "initial_state",
-    "restart_stragglers",
     "warmup_loop",
     "run_warmup",
     "sampling_loop",
@@ -126,50 +125,6 @@ def _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense):
     return states, adapt
 
 
-def restart_stragglers(
-    states: RWMHState, dimension: int, enabled=True, chain_mask: Array | None = None
-):
-    """Move chains stranded far below the others onto the states of other chains.
-
-    With proposals tuned on the pooled draws, a chain that started in a far corner of a
-    narrow posterior (say a huge ``sigma`` with the coefficients far off) can stay there for
-    the whole warmup, moving by steps fit for the bulk of the posterior; it would also keep
-    inflating the pooled covariance. Warmup draws are discarded, so such a chain may start
-    again anywhere: it restarts from the state of one of the chains within
-    :func:`rwmh.tuning.straggler_threshold` of the median log density (a chain with a
-    non-finite log density always restarts; one that is within the threshold never does).
-    Only done where the schedule says ``restart`` (the ends of all but the last slow window),
-    so every chain has the last slow window and the final buffer to move away from its donor
-    before sampling. Chains marked False in ``chain_mask`` (padding) neither count in the
-    median nor donate.
-    """
-    logdensity = states.logdensity
-    num_chains = logdensity.shape[0]
-    finite = jnp.isfinite(logdensity)
-    # Non-finite values count as -inf, so that they sit at the bottom of the median.
-    values = jnp.where(finite, logdensity, -jnp.inf)
-    if chain_mask is None:
-        median = jnp.median(values)
-    else:
-        median = jnp.nanmedian(jnp.where(chain_mask, values, jnp.nan))
-        finite = finite & chain_mask
-    good = finite & (logdensity >= median - tuning.straggler_threshold(dimension))
-    # Chain c restarts from the (c mod n_good)-th good chain, which spreads the restarted
-    # chains over the donors without spending random numbers (compiling another threefry
-    # hash costs more than all the rest of this function).
-    num_good = jnp.sum(good)
-    rank = jnp.cumsum(good) - 1
-    wanted = jnp.arange(num_chains) % jnp.maximum(num_good, 1)
-    donors = jnp.argmax(good[None, :] & (rank[None, :] == wanted[:, None]), axis=1)
-    restart = enabled & ~good & (num_good > 0)
-
-    def pick(x):
-        mask = restart.reshape((num_chains,) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x[donors], x)
-
-    return jax.tree_util.tree_map(pick, states)
-
-
 def warmup_loop(
     logdensity_fn: Callable,
     target_acceptance_rate: float | None,
@@ -206,13 +161,12 @@ def warmup_loop(
             target_acceptance_rate,
             chain_mask,
         )
-        # A select rather than a cond: the work is a few comparisons per chain, and a second
-        # branch in the loop costs more to compile than it saves at run time.
-        new_states = restart_stragglers(
-            new_states, dimension, enabled=row.restart, chain_mask=chain_mask
+        # Under a cond, so the sort it needs costs nothing at the steps that end no window.
+        new_states, num_restarted = stragglers.restart_at_window_end(
+            row.restart, new_states, dimension, chain_mask
         )
         return (new_states, adapt_next), tuning.AdaptationInfo(
-            info.acceptance_rate, adapt.step_size
+            info.acceptance_rate, adapt.step_size, num_restarted
         )
 
     (states, adaptation_state), info = jax.lax.scan(

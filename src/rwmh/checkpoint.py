@@ -243,7 +243,7 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
         optional["parameters/scale"] = run.proposal.factor
     warmup, completed = run.completed()
     if warmup is not None:
-        optional["warmup/acceptance_rate"], optional["warmup/step_size"] = warmup
+        optional.update({f"warmup/{name}": value for name, value in warmup._asdict().items()})
     if completed is not None:
         draws, stats = completed
         _, draw_leaves = encode_tree(draws)
@@ -323,7 +323,9 @@ def load(path) -> Run:
     elif phase != "warmup":
         raise fail(f"phase {phase!r} without sampling parameters")
     if "warmup/acceptance_rate" in optional:
-        info = tuning.AdaptationInfo(array("warmup/acceptance_rate"), array("warmup/step_size"))
+        info = tuning.AdaptationInfo(
+            *(array(f"warmup/{name}") for name in tuning.AdaptationInfo._fields)
+        )
         done = settings.num_warmup if phase != "warmup" else next_step
         if info.acceptance_rate.shape != (done, num_chains):
             raise fail(

@@ -168,7 +168,7 @@ def sharded_warmup(mesh: Mesh):
     """
     by_chain = NamedSharding(mesh, P(CHAIN_AXIS))
     replicated = NamedSharding(mesh, P())
-    info = tuning.AdaptationInfo(NamedSharding(mesh, P(None, CHAIN_AXIS)), replicated)
+    info = tuning.AdaptationInfo(NamedSharding(mesh, P(None, CHAIN_AXIS)), replicated, replicated)
     return jax.jit(
         chains.warmup_loop,
         static_argnums=(0, 1),

@@ -35,6 +35,7 @@ class Settings:
     chunk_size: int | None
     target_acceptance_rate: float | None
     dense: bool
+    restart_stranded: bool = True
 
     def to_dict(self) -> dict:
         """The settings as JSON-ready values (the checkpoint's ``settings`` entry)."""
@@ -54,6 +55,7 @@ class Settings:
             chunk_size=None if chunk_size is None else int(chunk_size),
             target_acceptance_rate=None if target is None else float(target),
             dense=bool(values["dense"]),
+            restart_stranded=bool(values["restart_stranded"]),
         )
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwmh import chains, checks, progress, tuning
+from rwmh import chains, checks, progress, stragglers, tuning
 from rwmh import checkpoint as checkpoint_file
 from rwmh.devices import Layout, resolve_devices
 from rwmh.kernel import RWMHState, check_step_size, factor_proposal_cov
@@ -111,6 +111,9 @@ def _result(run: Run, layout: Layout, interrupted: bool = False) -> SampleResult
             "lp": np.empty((lp.shape[0], 0), lp.dtype),
         }
     parameters = run.parameters if run.parameters is not None else tuning.final(run.adapt)
+    extra = {"interrupted": True} if interrupted else {}
+    if warmup_info is not None:
+        extra["restarted_chains"] = stragglers.restarts_by_step(warmup_info.num_restarted)
     return SampleResult(
         positions=draws,
         stats=stats,
@@ -119,7 +122,7 @@ def _result(run: Run, layout: Layout, interrupted: bool = False) -> SampleResult
         warmup_info=warmup_info,
         num_warmup=run.settings.num_warmup,
         thin=run.settings.thin,
-        extra={"interrupted": True} if interrupted else {},
+        extra=extra,
     )
 
 
@@ -179,7 +182,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
         if run.phase == "warmup":
             bar.start("warmup", num_warmup - run.next_step)
             run_warmup = layout.warmup_fn()
-            schedule = tuning.build_schedule(num_warmup)
+            schedule = tuning.build_schedule(num_warmup, restart_stranded=settings.restart_stranded)
             keys = layout.chain_keys(warmup_key)
             # Only a padded layout passes a mask: without one the statistics are computed
             # exactly as the unsharded run computes them.
@@ -208,7 +211,10 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
 
             warmup_chunk = settings.chunk_size or bar.chunk_length(num_warmup)
             pieces = _chunks(num_warmup, warmup_chunk, run.next_step)
+            first_step = run.next_step
             _run_phase(pieces, dispatch_warmup, record_warmup, in_flight)
+            restarted = run.warmup_trace[2][first_step:]
+            stragglers.warn_restarts(stragglers.restarts_by_step(restarted, first_step), 3)
             run.start_sampling()
 
         run_sampling = layout.sampling_fn()
@@ -363,6 +369,7 @@ def sample(
     *,
     target_acceptance_rate: float | None = None,
     dense: bool = True,
+    restart_stranded: bool = True,
     progress_bar: bool = True,
     chunk_size: int | None = None,
     devices=None,
@@ -390,8 +397,10 @@ def sample(
     step_size, proposal_cov
         Starting values for warmup, or the parameters used when ``num_warmup == 0``. Default:
         ``2.38 / sqrt(d)`` and the identity.
-    target_acceptance_rate, dense
-        Passed to the warmup (see :func:`rwmh.window_adaptation`).
+    target_acceptance_rate, dense, restart_stranded
+        Passed to the warmup (see :func:`rwmh.window_adaptation`). Chains that warmup restarts
+        are counted in ``result.extra["restarted_chains"]`` (``{warmup step: chains}``) and
+        announced with a ``RuntimeWarning``.
     progress_bar
         Show a tqdm bar per phase with the mean acceptance rate and, while sampling, the
         largest split R-hat so far, when ``sys.stderr`` is a terminal (see
@@ -449,6 +458,7 @@ def sample(
     )
     check_step_size(step_size)
     dense = checks.check_bool(dense, "dense")
+    restart_stranded = checks.check_bool(restart_stranded, "restart_stranded")
     progress_bar = checks.check_bool(progress_bar, "progress_bar")
     num_chains = checks.check_chain_axis(initial_positions, "initial_positions")
     checks.check_float_positions(initial_positions, "initial_positions", batched=True)
@@ -473,6 +483,7 @@ def sample(
         chunk_size=chunk_size,
         target_acceptance_rate=target_acceptance_rate,
         dense=dense,
+        restart_stranded=restart_stranded,
     )
     run = Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
     if num_warmup == 0:

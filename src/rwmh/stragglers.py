@@ -61,15 +61,19 @@ window (a handful per warmup), not at every step as a select.
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "reference_rank",
     "restart_at_window_end",
     "restart_stranded",
+    "restarts_by_step",
     "stranded_threshold",
+    "warn_restarts",
 ]
 
 #: One chain in this many must have reached the typical set for the others to be judged.
@@ -167,3 +171,29 @@ def restart_at_window_end(window_end, states, dimension: int, chain_mask=None):
         return states, jnp.zeros((), jnp.int32)
 
     return jax.lax.cond(window_end, restart, keep, states)
+
+
+def restarts_by_step(num_restarted, first_step: int = 0) -> dict[int, int]:
+    """``{warmup step: chains restarted}`` for the steps where any chain was restarted.
+
+    ``num_restarted`` is the per-step count of :class:`rwmh.tuning.AdaptationInfo`; a step is
+    numbered from 1, as the window ends of :func:`rwmh.tuning.build_schedule` are quoted.
+    """
+    counts = np.asarray(num_restarted)
+    return {int(first_step + i + 1): int(counts[i]) for i in np.flatnonzero(counts)}
+
+
+def warn_restarts(restarts: dict[int, int], stacklevel: int = 2) -> None:
+    """A ``RuntimeWarning`` naming how many chains were moved and where, if any were."""
+    if not restarts:
+        return
+    total = sum(restarts.values())
+    where = ", ".join(f"{count} at step {step}" for step, count in restarts.items())
+    warnings.warn(
+        f"warmup restarted {total} stranded chain{'s' if total != 1 else ''} from the states of "
+        f"chains in the typical set ({where}): their log density was far below what the best "
+        "chains reach. A mode that holds few chains can be lost this way; pass "
+        "restart_stranded=False to keep every chain where it is.",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )

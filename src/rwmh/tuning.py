@@ -78,7 +78,6 @@ __all__ = [
     "final",
     "accumulate",
     "merge_moments",
-    "straggler_threshold",
 ]
 
 Array = jax.Array
@@ -141,10 +140,15 @@ class AdaptationInfo(NamedTuple):
         Acceptance probability of every chain, ``(num_steps, num_chains)``.
     step_size
         Step size used at each step, ``(num_steps,)``.
+    num_restarted
+        Number of chains moved onto another chain's state at the end of each step,
+        ``(num_steps,)``: nonzero only where a window ends and chains were stranded (see
+        :mod:`rwmh.stragglers`).
     """
 
     acceptance_rate: Array
     step_size: Array
+    num_restarted: Array
 
 
 def default_target_acceptance_rate(dimension: int) -> float:
@@ -172,8 +176,8 @@ class Schedule(NamedTuple):
         Every ``refresh_interval`` steps into a window: the covariance is re-estimated before
         the window ends.
     restart
-        The end of every slow window but the last: chains stranded far from the others
-        restart from another chain's state (see :func:`rwmh.chains.restart_stragglers`).
+        The end of every slow window but the last: chains stranded far below the others
+        restart from another chain's state (see :mod:`rwmh.stragglers`).
 
     A PyTree: ``lax.scan`` over it gives one row (a ``Schedule`` of scalars) per step.
     """
@@ -196,7 +200,9 @@ class Schedule(NamedTuple):
         return Schedule(*(jnp.asarray(column)[index] for column in self))
 
 
-def build_schedule(num_steps: int, refresh_interval: int = REFRESH_INTERVAL) -> Schedule:
+def build_schedule(
+    num_steps: int, refresh_interval: int = REFRESH_INTERVAL, restart_stranded: bool = True
+) -> Schedule:
     """Stan's warmup windows for ``num_steps`` steps, as a :class:`Schedule`.
 
     The window boundaries are NumPyro's (``numpyro.infer.hmc_util.build_adaptation_schedule``,
@@ -212,6 +218,9 @@ def build_schedule(num_steps: int, refresh_interval: int = REFRESH_INTERVAL) -> 
         Number of warmup steps.
     refresh_interval
         Steps between covariance refreshes inside a window (0 disables them).
+    restart_stranded
+        Whether stranded chains restart at the window ends (the ``restart`` column); False
+        leaves that column all False.
 
     Examples
     --------
@@ -233,7 +242,7 @@ def build_schedule(num_steps: int, refresh_interval: int = REFRESH_INTERVAL) -> 
             slow_window[start : last + 1] = True
             window_end[last] = True
             # Stranded chains restart at every window end but the last.
-            restart[last] = number < len(windows) - 1
+            restart[last] = restart_stranded and number < len(windows) - 1
             if refresh_interval > 0:
                 refresh[start + refresh_interval - 1 : last : refresh_interval] = True
     return Schedule(slow_window, window_end, refresh, restart)
@@ -470,13 +479,3 @@ def update(
 def final(state: AdaptationState) -> dict:
     """The adapted ``{"step_size", "proposal_cov"}``: the averaged step size is used."""
     return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
-
-
-def straggler_threshold(dimension: int) -> float:
-    """How far below the chains' median log density a chain must be to count as stranded.
-
-    Draws from a roughly Gaussian posterior in ``d`` dimensions have log densities spread
-    with sd ``sqrt(d / 2)`` (half a chi-squared), so ``20 + 5 sqrt(d)`` is more than seven of
-    those sds for any ``d``: a chain in the typical set is never that far below the median.
-    """
-    return 20.0 + 5.0 * math.sqrt(dimension)
