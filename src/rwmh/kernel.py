@@ -34,13 +34,15 @@ applications. Biometrika 57, 97-109.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax.base import SamplingAlgorithm
 from jax.flatten_util import ravel_pytree
+
+if TYPE_CHECKING:
+    from blackjax.base import SamplingAlgorithm
 
 from rwmh import checks
 
@@ -404,5 +406,9 @@ def random_walk(
 
     def step_fn(rng_key: PRNGKey, state: RWMHState) -> tuple[RWMHState, RWMHInfo]:
         return kernel(rng_key, state, logdensity_fn, step_size, proposal)
+
+    # Imported here: BlackJAX costs a third of a second to import, and compiles a program at
+    # import (a default argument of its step-size module), for this one NamedTuple.
+    from blackjax.base import SamplingAlgorithm
 
     return SamplingAlgorithm(init_fn, step_fn)
