@@ -192,14 +192,37 @@ def proposal_scale(
         return factor_covariance(proposal_cov)
     if concrete:
         dense = np.asarray(proposal_cov)
-        if not np.all(np.isfinite(dense)) or not np.allclose(
-            dense, dense.T, rtol=1e-5, atol=1e-8 * np.max(np.abs(dense))
-        ):
+        if not np.all(np.isfinite(dense)):
             raise ValueError(f"{name} must be a finite, symmetric matrix.")
+        asymmetry = float(np.max(np.abs(dense - dense.T)))
+        tolerance = symmetry_tolerance(dense)
+        if asymmetry > tolerance:
+            raise ValueError(
+                f"{name} must be a symmetric matrix; it is asymmetric by {asymmetry:.3g}, "
+                f"beyond rounding in {dense.dtype} ({tolerance:.3g} = "
+                f"{SYMMETRY_ULPS} * eps * max|{name}|). If it is a covariance, pass "
+                f"({name} + {name}.T) / 2."
+            )
     lower = factor_covariance(proposal_cov)
     if concrete and not bool(jnp.all(jnp.isfinite(lower))):
         raise ValueError(f"{name} must be positive definite (its Cholesky factor failed).")
     return lower
+
+
+#: How far a dense ``proposal_cov`` may be from symmetric, in units of its dtype's machine
+#: epsilon times its largest entry. Rounding alone leaves a few units: the inverse of a float32
+#: Hessian with condition number 1e3 to 1e4 is asymmetric by about 10 to 50 (jax 0.10 and 0.12
+#: alike), which must pass; a matrix that is not a covariance (a Cholesky factor, a typo) is
+#: asymmetric by far more. A fixed tolerance cannot serve float32 and float64 at once.
+SYMMETRY_ULPS = 64
+
+
+def symmetry_tolerance(matrix) -> float:
+    """The largest ``|C - C.T|`` entry accepted for a dense covariance ``C``:
+    ``SYMMETRY_ULPS * finfo(C.dtype).eps * max|C|``, so that it follows the precision the
+    matrix is held in (float32 unless ``jax_enable_x64`` is on and the matrix is float64)."""
+    matrix = np.asarray(matrix)
+    return float(SYMMETRY_ULPS * jnp.finfo(matrix.dtype).eps * np.max(np.abs(matrix)))
 
 
 def factor_covariance(covariance: Array) -> Array:
