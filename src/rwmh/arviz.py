@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["to_inference_data", "plot_trace", "STAT_NAMES"]
+__all__ = ["to_inference_data", "plot_trace", "summary", "STAT_NAMES", "SUMMARY_HDI_PROB"]
 
 #: Names other samplers (and older rwmh code) give to statistics, mapped to ArviZ's names.
 #: NumPyro's ``potential_energy`` is the negative log density, so it is negated on the way.
@@ -278,6 +278,54 @@ def to_inference_data(
         dims={k: list(v) for k, v in dims.items()} if dims else None,
         attrs=all_attrs,
     )
+
+
+#: The probability of the interval in :func:`summary`: ArviZ 0.x's default (``hdi_3%`` to
+#: ``hdi_97%``); ArviZ 1.x defaults to 89%.
+SUMMARY_HDI_PROB = 0.94
+
+
+def _interval_names(hdi_prob: float) -> tuple[str, str]:
+    """ArviZ 0.x's names of the HDI bounds, by their tail probabilities: ``hdi_3%``, ``hdi_97%``
+    for 94%."""
+    tail = 100 * (1 - hdi_prob) / 2
+    return f"hdi_{tail:g}%", f"hdi_{100 - tail:g}%"
+
+
+def summary(data, var_names: Sequence[str] | None = None, hdi_prob: float = SUMMARY_HDI_PROB):
+    """ArviZ's summary with the same columns, interval and order on ArviZ 0.x and 1.x.
+
+    The columns are ``mean``, ``sd``, the bounds of the ``hdi_prob`` highest-density interval
+    (named as ArviZ 0.x names them: ``hdi_3%`` and ``hdi_97%`` for 94%), ``mcse_mean``,
+    ``mcse_sd``, ``ess_bulk``, ``ess_tail`` and ``r_hat``, unrounded. ArviZ 1.x computes them
+    with ``ci_kind="hdi", ci_prob=hdi_prob`` (its defaults are an 89% interval, bounds named
+    ``eti89_lb`` / ``eti89_ub`` or ``hdi89_lb`` / ``hdi89_ub``, and another column order); read
+    columns by name, never by position. The numbers come from whichever ArviZ is installed
+    (their tail-ESS estimators differ slightly).
+
+    Examples
+    --------
+    >>> import numpy as np, rwmh
+    >>> idata = rwmh.to_inference_data({"mu": np.random.default_rng(0).normal(size=(4, 500))})
+    >>> list(rwmh.arviz.summary(idata).columns)  # doctest: +NORMALIZE_WHITESPACE
+    ['mean', 'sd', 'hdi_3%', 'hdi_97%', 'mcse_mean', 'mcse_sd', 'ess_bulk', 'ess_tail',
+     'r_hat']
+    """
+    if not 0 < hdi_prob < 1:
+        raise ValueError(f"hdi_prob must be in (0, 1); got {hdi_prob!r}.")
+    az = _import_arviz()
+    names = None if var_names is None else list(var_names)
+    lower, upper = _interval_names(hdi_prob)
+    if arviz_major_version(az) >= 1:
+        table = az.summary(data, var_names=names, ci_kind="hdi", ci_prob=hdi_prob, round_to="none")
+        bounds = [c for c in table.columns if c.startswith("hdi") and c.endswith(("_lb", "_ub"))]
+        if len(bounds) != 2:
+            raise RuntimeError(f"ArviZ {az.__version__}: unexpected summary columns {bounds}.")
+        table = table.rename(columns={b: lower if b.endswith("_lb") else upper for b in bounds})
+    else:
+        table = az.summary(data, var_names=names, hdi_prob=hdi_prob, round_to="none")
+    columns = ["mean", "sd", lower, upper, "mcse_mean", "mcse_sd", "ess_bulk", "ess_tail"]
+    return table[[*columns, "r_hat"]]
 
 
 def plot_trace(data, path: str, var_names: Sequence[str] | None = None, title: str = "") -> None:
