@@ -11,6 +11,7 @@ importing it costs about a second and ``import rwmh`` should not pay that.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,7 +19,16 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["to_inference_data", "plot_trace", "summary", "STAT_NAMES", "SUMMARY_HDI_PROB"]
+__all__ = [
+    "to_inference_data",
+    "from_numpyro",
+    "group_names",
+    "bind_numpyro_submodules",
+    "plot_trace",
+    "summary",
+    "STAT_NAMES",
+    "SUMMARY_HDI_PROB",
+]
 
 #: Names other samplers (and older rwmh code) give to statistics, mapped to ArviZ's names.
 #: NumPyro's ``potential_energy`` is the negative log density, so it is negated on the way.
@@ -45,6 +55,53 @@ def arviz_major_version(arviz_module=None) -> int:
     """The major version of ArviZ (0 or 1), read from ``arviz.__version__``."""
     arviz_module = arviz_module or _import_arviz()
     return int(str(arviz_module.__version__).split(".")[0])
+
+
+def bind_numpyro_submodules() -> None:
+    """Make every loaded ``numpyro`` submodule an attribute of its parent again.
+
+    ArviZ 1.x (``arviz_base``) registers ``numpyro`` as a lazy module (``lazy_loader``) when
+    ``arviz`` is imported. If NumPyro's first real import after that is of a submodule
+    (``import arviz`` and then ``from numpyro.infer import MCMC``, as isort orders them),
+    Python loads ``numpyro.infer`` twice: once while running NumPyro's ``__init__``, which
+    reading the lazy parent's ``__path__`` starts, and once more for the import itself. The
+    second copy wins but lacks the submodules the first one loaded, so
+    ``arviz.from_numpyro`` fails with "module 'numpyro.infer' has no attribute
+    'initialization'". This restores the binding Python's import system normally guarantees;
+    ``import rwmh.numpyro`` calls it, so any import order works. It does nothing when nothing
+    is missing (ArviZ 0.x, or NumPyro imported first).
+    """
+    for name, module in list(sys.modules.items()):
+        parent_name, _, child = name.rpartition(".")
+        if module is None or not name.startswith("numpyro.") or parent_name not in sys.modules:
+            continue
+        parent = sys.modules[parent_name]
+        if type(parent).__name__ != "_LazyModule" and not hasattr(parent, child):
+            setattr(parent, child, module)
+
+
+def from_numpyro(mcmc, **kwargs):
+    """``arviz.from_numpyro(mcmc, log_likelihood=True, **kwargs)`` on ArviZ 0.x and 1.x.
+
+    ArviZ 0.x includes the pointwise log likelihood (what ``arviz.loo`` needs) by default,
+    ArviZ 1.x only when asked; this asks on both, after :func:`bind_numpyro_submodules`.
+
+    Examples
+    --------
+    >>> idata = rwmh.arviz.from_numpyro(mcmc)  # doctest: +SKIP
+    >>> arviz.loo(idata)  # doctest: +SKIP
+    """
+    bind_numpyro_submodules()
+    kwargs.setdefault("log_likelihood", True)
+    return _import_arviz().from_numpyro(mcmc, **kwargs)
+
+
+def group_names(data) -> list[str]:
+    """The groups of ArviZ data: ``InferenceData.groups()`` (ArviZ 0.x) or the children of an
+    ``xarray.DataTree`` (ArviZ 1.x)."""
+    if hasattr(data, "children"):
+        return list(data.children)
+    return list(data.groups())
 
 
 def _from_dict(groups: dict, *, coords, dims, attrs, arviz_module=None):

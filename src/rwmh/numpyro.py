@@ -49,6 +49,10 @@ from numpyro.util import identity, is_prng_key
 from rwmh import _checks
 from rwmh import adaptation as _adaptation
 from rwmh import kernel as _kernel
+from rwmh.arviz import bind_numpyro_submodules
+
+# ``import arviz`` (1.x) before NumPyro can leave numpyro.infer without its submodules.
+bind_numpyro_submodules()
 
 __all__ = ["RWMH", "RWMHKernelState"]
 
