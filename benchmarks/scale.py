@@ -145,5 +145,10 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
         print(json.dumps(_one(json.loads(sys.argv[2]))))
+    elif sys.argv[1:] == ["--quick"]:  # a short run that only checks the benchmark works
+        THROUGHPUT, MEMORY = [(4, 200), (256, 50)], dict(num_chains=256, num_samples=200)
+        main()
+    elif sys.argv[1:]:
+        sys.exit(f"usage: {sys.argv[0]} [--quick]")
     else:
         main()
