@@ -210,10 +210,13 @@ def proposal_scale(
 
 
 #: How far a dense ``proposal_cov`` may be from symmetric, in units of its dtype's machine
-#: epsilon times its largest entry. Rounding alone leaves a few units: the inverse of a float32
-#: Hessian with condition number 1e3 to 1e4 is asymmetric by about 10 to 50 (jax 0.10 and 0.12
-#: alike), which must pass; a matrix that is not a covariance (a Cholesky factor, a typo) is
-#: asymmetric by far more. A fixed tolerance cannot serve float32 and float64 at once.
+#: epsilon times its largest entry. Rounding alone leaves a few units: the float32 inverse
+#: Hessian of benchmarks/ess.py is off by 0.1 (jax 0.12; 1.4e-11, which the former fixed
+#: 1e-8 * max|C| refused), and ``jnp.linalg.inv`` of random badly scaled 6-d float32 Hessians
+#: by up to about 8 units at condition number 1e2 and 30 at 1e3 (jax 0.10 and 0.12 alike;
+#: at 1e4 up to about 140, past this tolerance: symmetrise such matrices). A matrix that is
+#: not a covariance (a Cholesky factor, a typo) is off by far more. A fixed tolerance cannot
+#: serve float32 and float64 at once.
 SYMMETRY_ULPS = 64
 
 
