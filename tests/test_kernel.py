@@ -256,8 +256,9 @@ def test_bad_parameters_are_named(kwargs, match):
 
 def laplace_covariance():
     """The inverse Hessian of a correlated regression's negative log density, all in float32:
-    a covariance symmetric only to float32 rounding (jax 0.12's inverse is asymmetric by about
-    1.4e-11 with entries up to 1.3e-3, which a fixed tolerance of 1e-8 * max|C| refused)."""
+    a covariance symmetric only to float32 rounding, like benchmarks/ess.py's (which with jax
+    0.12 is asymmetric by 1.4e-11 with entries up to 1.3e-3, and which a fixed tolerance of
+    1e-8 * max|C| refused)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(2.0, 1.0, 1000), jnp.float32)
     y = 1.0 + 2.0 * x + 0.5 * jnp.asarray(rng.normal(size=1000), jnp.float32)
