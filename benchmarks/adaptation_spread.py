@@ -58,7 +58,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0, 1, ... per chain count")
     parser.add_argument("--chains", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--quick", action="store_true", help="one seed of 4 chains")
     arguments = parser.parse_args()
+    if arguments.quick:
+        arguments.seeds, arguments.chains = 1, [4]
     print(f"{'chains':>6} {'seed':>4} {'spread':>7} {'accept':>7}")
     worst = {}
     for num_chains in arguments.chains:

@@ -79,7 +79,7 @@ def logdensity(theta):
 def min_ess(draws):
     """Minimum bulk ESS over parameters; ``draws`` is ``(chain, draw, 3)``."""
     posterior = {name: np.asarray(draws[..., i], float) for i, name in enumerate(NAMES)}
-    ess = az.ess(az.from_dict(posterior=posterior), method="bulk")
+    ess = az.ess(rwmh.to_inference_data(posterior), method="bulk")
     return min(float(ess[name]) for name in NAMES)
 
 
@@ -331,7 +331,10 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--x-mean", type=float, default=X_MEAN, help="mean of the predictor x")
+    parser.add_argument("--quick", action="store_true", help="200 warmup steps and 500 draws")
     arguments = parser.parse_args()
+    if arguments.quick:  # every function reads these module globals when it runs
+        NUM_WARMUP, NUM_SAMPLES = 200, 500
     if arguments.x_mean != X_MEAN:
         X, Y = make_data(x_mean=arguments.x_mean)
     main()

@@ -107,7 +107,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="timed runs after compiling")
     parser.add_argument("--carry-chains", type=int, default=256)
     parser.add_argument("--carry-dimension", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="100 points, 200 + 200 steps, 1 run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.points, args.warmup, args.samples, args.repeats = 100, 200, 200, 1
 
     x, y = simulate_linear_regression(jax.random.key(0), args.points)
     key = jax.random.key(1)

@@ -139,7 +139,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10000, help="warmup and sampling steps")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="10 dimensions, 500 steps, 1 run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.dim, args.steps, args.repeats = 10, 500, 1
     # Equal phases, so that one chunk_size reproduces the bar's chunking in both.
     args.warmup = args.samples = args.steps
 

@@ -131,7 +131,10 @@ def main():
         default="wall",
         help="wall-clock time, or this process's CPU time (steadier on a busy machine)",
     )
+    parser.add_argument("--quick", action="store_true", help="2e4 chain-steps, 20 looped steps")
     args = parser.parse_args()
+    if args.quick:
+        args.chain_steps, args.looped_steps = 2e4, 20
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     print(f"jax {jax.__version__}, blackjax {blackjax.__version__}, device {jax.devices()[0]}")

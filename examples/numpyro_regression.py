@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from numpyro.infer import MCMC, Predictive
 
+import rwmh.arviz
 from rwmh.models import linear_regression, simulate_linear_regression
 from rwmh.numpyro import RWMH
 
@@ -64,9 +65,10 @@ def main(argv=None):
     inside = np.mean((np.asarray(y) >= low) & (np.asarray(y) <= high))
     print(f"observations inside the 90% posterior predictive band: {inside:.1%}")
 
-    idata = az.from_numpyro(mcmc)
+    # ArviZ 1.x leaves the pointwise log likelihood (for LOO) out unless asked; 0.x includes it.
+    idata = az.from_numpyro(mcmc, log_likelihood=True)
     print(idata)
-    print(az.summary(idata, var_names=list(TRUTH)))
+    print(rwmh.arviz.summary(idata, var_names=list(TRUTH)).round(3).to_string())
     print("sample_stats:", sorted(idata.sample_stats.data_vars))
     rhat = az.rhat(idata, var_names=list(TRUTH))
     print("max R-hat:", max(float(rhat[name]) for name in TRUTH))

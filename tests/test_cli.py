@@ -38,25 +38,51 @@ def run_main(argv, capsys):
     return status, out, err
 
 
-def summary_rows(out: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in out.splitlines():
+SUMMARY_COLUMNS = [
+    "mean", "sd", "hdi_3%", "hdi_97%", "mcse_mean", "mcse_sd", "ess_bulk", "ess_tail", "r_hat"
+]  # fmt: skip
+
+
+def summary_table(out: str) -> dict[str, dict[str, float]]:
+    """The printed summary, read by column name: ``{variable: {column: value}}``."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split() == SUMMARY_COLUMNS)
+    table = {}
+    for line in lines[start + 1 :]:
         words = line.split()
-        if words and words[0] in cli.REGRESSION_VARIABLES:
-            rows[words[0]] = words[1:]
-    return rows
+        if not words or words[0] not in cli.REGRESSION_VARIABLES:
+            break
+        assert len(words) == 1 + len(SUMMARY_COLUMNS), line
+        table[words[0]] = dict(zip(SUMMARY_COLUMNS, map(float, words[1:]), strict=True))
+    return table
 
 
 def test_regress_builtin_prints_the_summary(capsys):
+    """The same columns, 94% HDI included, on ArviZ 0.x and 1.x (whose own default is 89%)."""
     status, out, err = run_main(["regress", *FAST], capsys)
     assert status == 0, err
-    header = next(line for line in out.splitlines() if "mean" in line and "r_hat" in line)
-    for column in ("mean", "sd", "hdi_3%", "hdi_97%", "ess_bulk", "ess_tail", "r_hat"):
-        assert column in header.split()
-    rows = summary_rows(out)
-    assert set(rows) == {"intercept", "slope", "sigma"}
-    assert all(len(values) == len(header.split()) for values in rows.values())
-    assert float(rows["sigma"][0]) > 0
+    assert any(line.split() == SUMMARY_COLUMNS for line in out.splitlines()), out
+    rows = summary_table(out)
+    assert list(rows) == ["intercept", "slope", "sigma"]
+    assert rows["sigma"]["mean"] > 0
+    for row in rows.values():
+        assert row["hdi_3%"] < row["mean"] < row["hdi_97%"]
+
+
+def test_summary_columns_and_interval_are_the_same_on_both_arviz_majors():
+    import rwmh
+    from rwmh import arviz as rwmh_arviz
+
+    draws = np.random.default_rng(0).normal(size=(4, 4000))
+    idata = rwmh.to_inference_data({"mu": draws})
+    table = rwmh_arviz.summary(idata)
+    assert list(table.columns) == SUMMARY_COLUMNS
+    # A 94% interval of a standard normal: about -1.88 to 1.88, not the 89% one (+-1.60).
+    assert table.loc["mu", "hdi_3%"] == pytest.approx(-1.88, abs=0.1)
+    assert table.loc["mu", "hdi_97%"] == pytest.approx(1.88, abs=0.1)
+    wide = rwmh_arviz.summary(idata, hdi_prob=0.5)
+    assert list(wide.columns[2:4]) == ["hdi_25%", "hdi_75%"]
+    assert wide.loc["mu", "hdi_75%"] == pytest.approx(0.674, abs=0.06)
 
 
 def test_regress_csv_writes_netcdf_and_png(regression_csv, tmp_path, capsys):
@@ -82,10 +108,10 @@ def test_regress_recovers_the_line_from_a_csv(regression_csv, capsys):
     argv = ["regress", regression_csv, "--x", "height", "--y", "weight", "--no-progress"]
     status, out, err = run_main([*argv, "--samples", "400", "--warmup", "400"], capsys)
     assert status == 0, err
-    rows = summary_rows(out)
-    assert float(rows["intercept"][0]) == pytest.approx(-1.0, abs=0.2)
-    assert float(rows["slope"][0]) == pytest.approx(0.5, abs=0.2)
-    assert float(rows["sigma"][0]) == pytest.approx(0.3, abs=0.15)
+    rows = summary_table(out)
+    assert rows["intercept"]["mean"] == pytest.approx(-1.0, abs=0.2)
+    assert rows["slope"]["mean"] == pytest.approx(0.5, abs=0.2)
+    assert rows["sigma"]["mean"] == pytest.approx(0.3, abs=0.15)
 
 
 def test_read_xy_reads_columns_by_name(tmp_path):
@@ -206,7 +232,7 @@ def test_rhat_warning_matches_the_summary(capsys):
     argv = ["regress", "--chains", "2", "--samples", "4", "--warmup", "0", "--no-progress"]
     status, out, err = run_main(argv, capsys)
     assert status == 0
-    rhat = {name: float(values[-1]) for name, values in summary_rows(out).items()}
+    rhat = {name: row["r_hat"] for name, row in summary_table(out).items()}
     high = [name for name in cli.REGRESSION_VARIABLES if not rhat[name] <= cli.RHAT_WARNING]
     assert high, rhat
     assert err == (

@@ -280,6 +280,69 @@ def test_bad_parameters_are_named(kwargs, match):
         rwmh.random_walk(lambda x: -0.5 * jnp.sum(x**2), **kwargs)
 
 
+def laplace_covariance():
+    """The inverse Hessian of a correlated regression's negative log density, all in float32:
+    a covariance symmetric only to float32 rounding, like benchmarks/ess.py's (which with jax
+    0.12 is asymmetric by 1.4e-11 with entries up to 1.3e-3, and which a fixed tolerance of
+    1e-8 * max|C| refused)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(2.0, 1.0, 1000), jnp.float32)
+    y = 1.0 + 2.0 * x + 0.5 * jnp.asarray(rng.normal(size=1000), jnp.float32)
+
+    def neg_logdensity(theta):
+        residual = (y - theta[0] - theta[1] * x) / jnp.exp(theta[2])
+        return 0.5 * jnp.sum(residual**2) + x.shape[0] * theta[2]
+
+    hessian = jax.hessian(neg_logdensity)(jnp.asarray([1.0, 2.0, np.log(0.5)], jnp.float32))
+    return jnp.linalg.inv(hessian)
+
+
+def test_a_float32_covariance_symmetric_to_rounding_is_accepted():
+    covariance = laplace_covariance()
+    assert covariance.dtype == jnp.float32
+    rounding = np.max(np.abs(covariance - covariance.T))
+    eps_max = np.finfo(np.float32).eps * np.max(np.abs(covariance))
+    # Within float32 rounding, but (on some jax versions) not exactly symmetric.
+    assert rounding <= 4 * eps_max
+    algo = rwmh.random_walk(lambda x: -0.5 * jnp.sum(x**2), 1.0, covariance)
+    state, info = algo.step(jax.random.key(0), algo.init(jnp.zeros(3)))
+    assert np.all(np.isfinite(state.position))
+    # The same covariance made exactly asymmetric by a few units of rounding also passes.
+    nudged = covariance.at[0, 2].add(8 * eps_max)
+    rwmh.random_walk(lambda x: -0.5 * jnp.sum(x**2), 1.0, nudged)
+
+
+@pytest.mark.parametrize("relative", [1e-5, 1e-3, 0.5])
+def test_a_float32_covariance_asymmetric_beyond_rounding_is_refused(relative):
+    covariance = np.asarray(laplace_covariance())
+    bad = covariance.copy()
+    bad[0, 2] += relative * np.max(np.abs(covariance))
+    # Still positive definite: only the symmetry check can refuse it.
+    assert np.linalg.eigvalsh((bad + bad.T) / 2).min() > 0
+    with pytest.raises(ValueError, match="proposal_cov must be a symmetric matrix"):
+        rwmh.random_walk(lambda x: -0.5 * jnp.sum(x**2), 1.0, bad)
+
+
+def test_the_symmetry_tolerance_follows_the_dtype():
+    """An asymmetry of 1e-9 * max|C| is rounding in float32 but real in float64."""
+    code = textwrap.dedent(
+        """
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp, numpy as np, rwmh
+        cov = np.array([[2.0, 0.5], [0.5 + 2e-9, 1.0]])
+        rwmh.random_walk(lambda x: -0.5 * jnp.sum(x**2), 1.0, cov.astype(np.float32))
+        try:
+            rwmh.random_walk(lambda x: -0.5 * jnp.sum(x**2), 1.0, cov)
+        except ValueError as error:
+            print(error)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "proposal_cov must be a symmetric matrix" in out.stdout
+    assert "beyond rounding in float64" in out.stdout
+
+
 def test_proposal_cov_of_the_wrong_dimension_is_named():
     algo = rwmh.random_walk(lambda x: -0.5 * jnp.sum(x**2), 1.0, np.eye(3))
     with pytest.raises(ValueError, match="proposal_cov"):

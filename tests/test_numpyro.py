@@ -23,6 +23,7 @@ from numpy.testing import assert_allclose
 from numpyro.infer import MCMC, Predictive
 from numpyro.infer.initialization import init_to_value
 
+from rwmh import arviz as rwmh_arviz
 from rwmh.models import linear_regression, simulate_linear_regression
 from rwmh.numpyro import RWMH, RWMHKernelState
 
@@ -151,6 +152,33 @@ def regression():
     return mcmc, x, y
 
 
+def test_arviz_imported_before_numpyro_then_from_numpyro_and_loo():
+    """The README's order (``import arviz`` first, as isort sorts it): with ArviZ 1.x, NumPyro
+    then loads ``numpyro.infer`` twice and the copy in use lacks ``initialization``, which
+    ``arviz.from_numpyro`` reads; ``import rwmh.numpyro`` binds it again."""
+    code = textwrap.dedent(
+        """
+        import arviz as az
+        import jax
+        from numpyro.infer import MCMC
+        from rwmh.models import linear_regression, simulate_linear_regression
+        from rwmh.numpyro import RWMH
+        import numpyro
+        print(hasattr(numpyro.infer, "initialization"))
+        x, y = simulate_linear_regression(jax.random.key(0), 20)
+        mcmc = MCMC(RWMH(linear_regression), num_warmup=100, num_samples=100, num_chains=2,
+                    chain_method="vectorized", progress_bar=False)
+        mcmc.run(jax.random.key(1), x, y)
+        idata = az.from_numpyro(mcmc, log_likelihood=True)
+        print(idata.log_likelihood["y"].shape)
+        print("elpd_loo" in str(az.loo(idata)))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["True", "(2, 100, 20)", "True"], out.stdout
+
+
 def test_regression_recovers_the_simulated_truth(regression):
     mcmc, _, _ = regression
     idata = az.from_numpyro(mcmc)
@@ -165,8 +193,11 @@ def test_regression_recovers_the_simulated_truth(regression):
 
 def test_regression_arviz_groups_and_rhat(regression):
     mcmc, x, y = regression
-    idata = az.from_numpyro(mcmc)
-    assert {"posterior", "sample_stats", "log_likelihood", "observed_data"} <= set(idata.groups())
+    # log_likelihood=True: ArviZ 1.x leaves it out unless asked, ArviZ 0.x includes it anyway.
+    idata = az.from_numpyro(mcmc, log_likelihood=True)
+    groups = set(rwmh_arviz.group_names(idata))
+    assert {"posterior", "sample_stats", "log_likelihood", "observed_data"} <= groups
+    assert rwmh_arviz.group_names(rwmh_arviz.from_numpyro(mcmc)) == rwmh_arviz.group_names(idata)
     assert idata.posterior["slope"].shape == (4, 2000)
     stats = idata.sample_stats
     assert {"acceptance_rate", "lp", "step_size"} <= set(stats.data_vars)

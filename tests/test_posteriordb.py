@@ -139,7 +139,7 @@ def _sample(name, seed=0):
     constrained[..., -1] = np.exp(draws[..., -1])
     posterior = {n: constrained[..., i] for i, n in enumerate(names)}
     reference = json.loads((folder / "reference_summary.json").read_text())["parameters"]
-    return result, az.from_dict(posterior=posterior), reference
+    return result, rwmh.to_inference_data(posterior), reference
 
 
 # Seed 1 on kidiq-kidscore_momiq starts one chain where sigma runs off to about 700 with the

@@ -56,10 +56,21 @@ def test_last_state_lives_on_all_devices(sharded):
     assert sharded["state_devices_6"] == 4
 
 
+#: Whether this jax's XLA computes the proposal of a diagonal random walk the same way for
+#: every batch size. jax 0.10 does; jax 0.12 rounds some proposals of 2 chains per device one
+#: float32 unit differently from those of 8 chains on one device (seen: 69 of 1440 values,
+#: all within 1.3e-7 relative), so the README promises bit-identity on jax 0.10 only.
+BIT_IDENTICAL_LAYOUTS = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
+
+
 def test_sharded_draws_identical_without_pooling(sharded):
-    # Without warmup and with a diagonal proposal nothing is pooled or multiplied as a batch:
-    # a Mesh with chunks gives the draws of one device bit for bit.
-    np.testing.assert_array_equal(sharded["exact_sharded_chunked"], sharded["exact_unsharded"])
+    # Without warmup and with a diagonal proposal nothing is pooled: a Mesh with chunks gives
+    # the draws of one device bit for bit (jax 0.10), or to one float32 rounding (jax 0.12).
+    actual, desired = sharded["exact_sharded_chunked"], sharded["exact_unsharded"]
+    if BIT_IDENTICAL_LAYOUTS:
+        np.testing.assert_array_equal(actual, desired)
+    else:
+        np.testing.assert_allclose(actual, desired, rtol=2 * np.finfo(np.float32).eps, atol=0)
 
 
 def test_sharded_chunked_equals_unchunked(sharded):

@@ -11,6 +11,7 @@ importing it costs about a second and ``import rwmh`` should not pay that.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,7 +19,17 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["to_inference_data", "plot_trace", "import_arviz", "STAT_NAMES"]
+__all__ = [
+    "to_inference_data",
+    "from_numpyro",
+    "group_names",
+    "bind_numpyro_submodules",
+    "plot_trace",
+    "import_arviz",
+    "summary",
+    "STAT_NAMES",
+    "SUMMARY_HDI_PROB",
+]
 
 #: Names other samplers (and older rwmh code) give to statistics, mapped to ArviZ's names.
 #: NumPyro's ``potential_energy`` is the negative log density, so it is negated on the way.
@@ -45,6 +56,53 @@ def arviz_major_version(arviz_module=None) -> int:
     """The major version of ArviZ (0 or 1), read from ``arviz.__version__``."""
     arviz_module = arviz_module or import_arviz()
     return int(str(arviz_module.__version__).split(".")[0])
+
+
+def bind_numpyro_submodules() -> None:
+    """Make every loaded ``numpyro`` submodule an attribute of its parent again.
+
+    ArviZ 1.x (``arviz_base``) registers ``numpyro`` as a lazy module (``lazy_loader``) when
+    ``arviz`` is imported. If NumPyro's first real import after that is of a submodule
+    (``import arviz`` and then ``from numpyro.infer import MCMC``, as isort orders them),
+    Python loads ``numpyro.infer`` twice: once while running NumPyro's ``__init__``, which
+    reading the lazy parent's ``__path__`` starts, and once more for the import itself. The
+    second copy wins but lacks the submodules the first one loaded, so
+    ``arviz.from_numpyro`` fails with "module 'numpyro.infer' has no attribute
+    'initialization'". This restores the binding Python's import system normally guarantees;
+    ``import rwmh.numpyro`` calls it, so any import order works. It does nothing when nothing
+    is missing (ArviZ 0.x, or NumPyro imported first).
+    """
+    for name, module in list(sys.modules.items()):
+        parent_name, _, child = name.rpartition(".")
+        if module is None or not name.startswith("numpyro.") or parent_name not in sys.modules:
+            continue
+        parent = sys.modules[parent_name]
+        if type(parent).__name__ != "_LazyModule" and not hasattr(parent, child):
+            setattr(parent, child, module)
+
+
+def from_numpyro(mcmc, **kwargs):
+    """``arviz.from_numpyro(mcmc, log_likelihood=True, **kwargs)`` on ArviZ 0.x and 1.x.
+
+    ArviZ 0.x includes the pointwise log likelihood (what ``arviz.loo`` needs) by default,
+    ArviZ 1.x only when asked; this asks on both, after :func:`bind_numpyro_submodules`.
+
+    Examples
+    --------
+    >>> idata = rwmh.arviz.from_numpyro(mcmc)  # doctest: +SKIP
+    >>> arviz.loo(idata)  # doctest: +SKIP
+    """
+    bind_numpyro_submodules()
+    kwargs.setdefault("log_likelihood", True)
+    return import_arviz().from_numpyro(mcmc, **kwargs)
+
+
+def group_names(data) -> list[str]:
+    """The groups of ArviZ data: ``InferenceData.groups()`` (ArviZ 0.x) or the children of an
+    ``xarray.DataTree`` (ArviZ 1.x)."""
+    if hasattr(data, "children"):
+        return list(data.children)
+    return list(data.groups())
 
 
 def _from_dict(groups: dict, *, coords, dims, attrs, arviz_module=None):
@@ -268,6 +326,54 @@ def to_inference_data(
         dims={k: list(v) for k, v in dims.items()} if dims else None,
         attrs=all_attrs,
     )
+
+
+#: The probability of the interval in :func:`summary`: ArviZ 0.x's default (``hdi_3%`` to
+#: ``hdi_97%``); ArviZ 1.x defaults to 89%.
+SUMMARY_HDI_PROB = 0.94
+
+
+def _interval_names(hdi_prob: float) -> tuple[str, str]:
+    """ArviZ 0.x's names of the HDI bounds, by their tail probabilities: ``hdi_3%``, ``hdi_97%``
+    for 94%."""
+    tail = 100 * (1 - hdi_prob) / 2
+    return f"hdi_{tail:g}%", f"hdi_{100 - tail:g}%"
+
+
+def summary(data, var_names: Sequence[str] | None = None, hdi_prob: float = SUMMARY_HDI_PROB):
+    """ArviZ's summary with the same columns, interval and order on ArviZ 0.x and 1.x.
+
+    The columns are ``mean``, ``sd``, the bounds of the ``hdi_prob`` highest-density interval
+    (named as ArviZ 0.x names them: ``hdi_3%`` and ``hdi_97%`` for 94%), ``mcse_mean``,
+    ``mcse_sd``, ``ess_bulk``, ``ess_tail`` and ``r_hat``, unrounded. ArviZ 1.x computes them
+    with ``ci_kind="hdi", ci_prob=hdi_prob`` (its defaults are an 89% interval, bounds named
+    ``eti89_lb`` / ``eti89_ub`` or ``hdi89_lb`` / ``hdi89_ub``, and another column order); read
+    columns by name, never by position. The numbers come from whichever ArviZ is installed
+    (their tail-ESS estimators differ slightly).
+
+    Examples
+    --------
+    >>> import numpy as np, rwmh
+    >>> idata = rwmh.to_inference_data({"mu": np.random.default_rng(0).normal(size=(4, 500))})
+    >>> list(rwmh.arviz.summary(idata).columns)  # doctest: +NORMALIZE_WHITESPACE
+    ['mean', 'sd', 'hdi_3%', 'hdi_97%', 'mcse_mean', 'mcse_sd', 'ess_bulk', 'ess_tail',
+     'r_hat']
+    """
+    if not 0 < hdi_prob < 1:
+        raise ValueError(f"hdi_prob must be in (0, 1); got {hdi_prob!r}.")
+    az = import_arviz()
+    names = None if var_names is None else list(var_names)
+    lower, upper = _interval_names(hdi_prob)
+    if arviz_major_version(az) >= 1:
+        table = az.summary(data, var_names=names, ci_kind="hdi", ci_prob=hdi_prob, round_to="none")
+        bounds = [c for c in table.columns if c.startswith("hdi") and c.endswith(("_lb", "_ub"))]
+        if len(bounds) != 2:
+            raise RuntimeError(f"ArviZ {az.__version__}: unexpected summary columns {bounds}.")
+        table = table.rename(columns={b: lower if b.endswith("_lb") else upper for b in bounds})
+    else:
+        table = az.summary(data, var_names=names, hdi_prob=hdi_prob, round_to="none")
+    columns = ["mean", "sd", lower, upper, "mcse_mean", "mcse_sd", "ess_bulk", "ess_tail"]
+    return table[[*columns, "r_hat"]]
 
 
 def plot_trace(data, path: str, var_names: Sequence[str] | None = None, title: str = "") -> None:

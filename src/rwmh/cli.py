@@ -248,18 +248,11 @@ def fit_regression(
 
 
 def _summary(idata):
-    """ArviZ's summary (mean, sd, HDI, MCSE, ESS, R-hat) as a data frame, for ArviZ 0.x or 1.x."""
-    from rwmh.arviz import arviz_major_version, import_arviz
+    """ArviZ's summary (mean, sd, 94% HDI, MCSE, ESS, R-hat): the same columns on ArviZ 0.x
+    and 1.x."""
+    from rwmh.arviz import summary
 
-    az = import_arviz()
-    names = list(REGRESSION_VARIABLES)
-    if arviz_major_version(az) >= 1:
-        # ArviZ 1.x defaults to equal-tailed intervals; ask for the HDI that 0.x prints.
-        try:
-            return az.summary(idata, var_names=names, ci_kind="hdi")
-        except TypeError:  # a 1.x without ci_kind: its default interval is still a summary
-            return az.summary(idata, var_names=names)
-    return az.summary(idata, var_names=names)
+    return summary(idata, REGRESSION_VARIABLES)
 
 
 def _check_output(path: str | None, option: str) -> None:
@@ -305,11 +298,10 @@ def _regress(args) -> int:
     acceptance = float(idata.sample_stats["acceptance_rate"].mean())
     print(f"mean acceptance rate: {acceptance:.3f}")
     summary = _summary(idata)
-    # Every column on one line, whatever the terminal's width.
-    print(summary.to_string(line_width=None))
-    # ArviZ 1.x is not tested here (it needs Python 3.12); a summary without "r_hat" just
-    # means no warning rather than a crash after a finished run.
-    rhat = summary["r_hat"].to_dict() if "r_hat" in summary.columns else {}
+    # Every column on one line, whatever the terminal's width; ESS as whole draws.
+    decimals = {column: 0 if column.startswith("ess") else 3 for column in summary.columns}
+    print(summary.round(decimals).to_string(line_width=None))
+    rhat = summary["r_hat"].to_dict()
     unconverged = [name for name, value in rhat.items() if not value <= RHAT_WARNING]
     if unconverged:
         # A warning, not an error: the results are printed and saved, but should not be trusted.

@@ -212,10 +212,17 @@ def proposal_scale(
         return factor_covariance(proposal_cov)
     if concrete:
         dense = np.asarray(proposal_cov)
-        if not np.all(np.isfinite(dense)) or not np.allclose(
-            dense, dense.T, rtol=1e-5, atol=1e-8 * np.max(np.abs(dense))
-        ):
+        if not np.all(np.isfinite(dense)):
             raise ValueError(f"{name} must be a finite, symmetric matrix.")
+        asymmetry = float(np.max(np.abs(dense - dense.T)))
+        tolerance = symmetry_tolerance(dense)
+        if asymmetry > tolerance:
+            raise ValueError(
+                f"{name} must be a symmetric matrix; it is asymmetric by {asymmetry:.3g}, "
+                f"beyond rounding in {dense.dtype} ({tolerance:.3g} = "
+                f"{SYMMETRY_ULPS} * eps * max|{name}|). If it is a covariance, pass "
+                f"({name} + {name}.T) / 2."
+            )
     lower = factor_covariance(proposal_cov)
     # Only a concrete factor can be checked: a covariance closed over inside jit is concrete,
     # but its factor is traced.
@@ -241,6 +248,25 @@ def factor_proposal_cov(
     if covariance is not None and not jnp.issubdtype(covariance.dtype, jnp.floating):
         covariance = covariance.astype(jnp.result_type(float))
     return FactoredCov(covariance, factor)
+
+
+#: How far a dense ``proposal_cov`` may be from symmetric, in units of its dtype's machine
+#: epsilon times its largest entry. Rounding alone leaves a few units: the float32 inverse
+#: Hessian of benchmarks/ess.py is off by 0.1 (jax 0.12; 1.4e-11, which the former fixed
+#: 1e-8 * max|C| refused), and ``jnp.linalg.inv`` of random badly scaled 6-d float32 Hessians
+#: by up to about 8 units at condition number 1e2 and 30 at 1e3 (jax 0.10 and 0.12 alike;
+#: at 1e4 up to about 140, past this tolerance: symmetrise such matrices). A matrix that is
+#: not a covariance (a Cholesky factor, a typo) is off by far more. A fixed tolerance cannot
+#: serve float32 and float64 at once.
+SYMMETRY_ULPS = 64
+
+
+def symmetry_tolerance(matrix) -> float:
+    """The largest ``|C - C.T|`` entry accepted for a dense covariance ``C``:
+    ``SYMMETRY_ULPS * finfo(C.dtype).eps * max|C|``, so that it follows the precision the
+    matrix is held in (float32 unless ``jax_enable_x64`` is on and the matrix is float64)."""
+    matrix = np.asarray(matrix)
+    return float(SYMMETRY_ULPS * jnp.finfo(matrix.dtype).eps * np.max(np.abs(matrix)))
 
 
 def factor_covariance(covariance: Array) -> Array:

@@ -51,7 +51,11 @@ from numpyro.infer.util import initialize_model
 from numpyro.util import identity, is_prng_key
 
 from rwmh import checks, tuning
+from rwmh.arviz import bind_numpyro_submodules
 from rwmh.kernel import RWMHState, build_kernel, check_step_size, proposal_scale
+
+# ``import arviz`` (1.x) before NumPyro can leave numpyro.infer without its submodules.
+bind_numpyro_submodules()
 
 __all__ = [
     "RWMH",
