@@ -4,7 +4,7 @@ Run ``python benchmarks/first_result.py`` (``--quick``: one run each, about a mi
 cores; ``--runs N``: N runs each, default 3). Every figure is the wall time of a fresh Python
 process (or a part of one, said so), so imports, tracing and compilation are all counted:
 
-(a) ``rwmh regress`` on its built-in data (100 points, 4 chains, 1000 warmup steps, 2000
+(a) ``rwmh regress`` on its built-in data (100 points, 4 chains, 1000 warmup steps, 5000
     draws), twice per run: the *first* invocation with ``JAX_COMPILATION_CACHE_DIR`` pointing
     at a fresh empty directory, and the *second* with the same directory, as a user's second
     run finds it. Where the command line turns JAX's persistent compilation cache on (it
@@ -14,7 +14,7 @@ process (or a part of one, said so), so imports, tracing and compilation are all
     writing the cache costs.
 (b) A script that fits the same model (``rwmh.models.linear_regression``, loaded from its
     file without importing the rest of rwmh, on the same simulated data) with NumPyro NUTS
-    as a NumPyro user would: ``MCMC(NUTS(model), num_warmup=1000, num_samples=2000,
+    as a NumPyro user would: ``MCMC(NUTS(model), num_warmup=1000, num_samples=5000,
     num_chains=4)``, defaults otherwise (on one CPU device the chains run one after another),
     then ``print_summary()``. No compilation cache.
 (c) ``python -c "import rwmh"``, beside ``python -c "pass"`` and ``python -c "import jax"``.
@@ -41,7 +41,8 @@ import tempfile
 import time
 
 #: The defaults of ``rwmh regress``, which the NumPyro script copies.
-NUM_CHAINS, NUM_WARMUP, NUM_SAMPLES = 4, 1000, 2000
+# The defaults of `rwmh regress` (src/rwmh/cli.py), so that NUTS makes the same draws.
+NUM_CHAINS, NUM_WARMUP, NUM_SAMPLES = 4, 1000, 5000
 #: The work of (d): rwmh.sample's warmup plus draws, as many steps in BlackJAX's loop.
 FIRST_CALL_WARMUP, FIRST_CALL_SAMPLES = 1000, 1000
 

@@ -178,7 +178,7 @@ def fit_regression(
     y,
     *,
     num_chains: int = 4,
-    num_samples: int = 2000,
+    num_samples: int = 5000,
     num_warmup: int = 1000,
     seed: int = 0,
     progress_bar: bool = True,
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chains", type=_count(2), default=4, metavar="N", help="at least 2, for R-hat (4)"
     )
     regress.add_argument(
-        "--samples", type=_count(4), default=2000, metavar="N", help="draws per chain (2000)"
+        "--samples", type=_count(4), default=5000, metavar="N", help="draws per chain (5000)"
     )
     regress.add_argument(
         "--warmup", type=_count(0), default=1000, metavar="N", help="warmup steps (1000)"
