@@ -51,15 +51,13 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
+#: Every MCMC of this benchmark: all chains in one vmapped program, no progress bar.
+MCMC_OPTIONS = {"chain_method": "vectorized", "progress_bar": False}
+
+
 def vectorized_mcmc(model, num_chains: int, num_warmup: int, num_samples: int) -> MCMC:
-    return MCMC(
-        RWMH(model),
-        num_warmup=num_warmup,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        chain_method="vectorized",
-        progress_bar=False,
-    )
+    lengths = {"num_warmup": num_warmup, "num_samples": num_samples, "num_chains": num_chains}
+    return MCMC(RWMH(model), **lengths, **MCMC_OPTIONS)
 
 
 def nbytes(tree) -> int:
