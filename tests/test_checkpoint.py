@@ -25,7 +25,9 @@ def _assert_same_run(a, b):
         np.testing.assert_array_equal(x, y)
     for name in a.stats:
         np.testing.assert_array_equal(a.stats[name], b.stats[name])
-    np.testing.assert_array_equal(a.warmup_info.acceptance_rate, b.warmup_info.acceptance_rate)
+    for x, y in zip(a.warmup_info, b.warmup_info, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a.extra.get("restarted_chains") == b.extra.get("restarted_chains")
     np.testing.assert_array_equal(a.parameters["step_size"], b.parameters["step_size"])
 
 

@@ -136,6 +136,25 @@ def test_non_finite_chains_restart_and_padding_takes_no_part():
     assert int(unmasked) == 7
 
 
+def test_padding_never_changes_a_decision():
+    """16 chains padded to 18 (as 3 devices need): the reference rank counts the 16 real
+    chains only, so the same chains restart onto the same donors as without padding."""
+    d = 1
+    lp = np.full(16, -30.0)
+    lp[0] = 0.0
+    positions = np.arange(16.0)[:, None]
+    states = RWMHState(jnp.asarray(positions), jnp.asarray(lp))
+    new, count = restart_stranded(states, d)
+    padded = RWMHState(
+        jnp.asarray(np.concatenate([positions, [[100.0], [101.0]]])),
+        jnp.asarray(np.concatenate([lp, [0.0, 0.0]])),
+    )
+    mask = jnp.asarray(np.arange(18) < 16)
+    new_padded, count_padded = restart_stranded(padded, d, chain_mask=mask)
+    assert int(count) == int(count_padded) == 15
+    np.testing.assert_array_equal(np.asarray(new_padded.position)[:16], np.asarray(new.position))
+
+
 def test_nothing_to_donate_keeps_everything():
     states = RWMHState(jnp.zeros((4, 2)), jnp.full(4, -jnp.inf))
     new, count = restart_stranded(states, 2)

@@ -46,7 +46,9 @@ __all__ = [
 #: Value of ``metadata["format"]``, which tells an rwmh checkpoint from any other ``.npz``.
 FORMAT = "rwmh-checkpoint"
 #: Version of the layout; a reader refuses versions it does not know.
-VERSION = 1
+#: 2: the warmup trace counts restarted chains (``warmup/num_restarted``) and the settings
+#: say whether restarts were on; version-1 files came from the former restart rule.
+VERSION = 2
 
 
 def check_path(path) -> str:

@@ -93,8 +93,11 @@ def _chunks(total: int, size: int, start: int = 0):
         yield first, min(size, total - first)
 
 
-def _result(run: Run, layout: Layout, interrupted: bool = False) -> SampleResult:
-    """The draws of ``run`` so far as a :class:`SampleResult`."""
+def _result(
+    run: Run, layout: Layout, interrupted: bool = False, stacklevel: int = 4
+) -> SampleResult:
+    """The draws of ``run`` so far as a :class:`SampleResult`; a warning if warmup restarted
+    chains (``stacklevel`` counts from here to the user's call)."""
     warmup_info, completed = run.completed()
     if completed is not None:
         draws, stats = completed
@@ -114,6 +117,8 @@ def _result(run: Run, layout: Layout, interrupted: bool = False) -> SampleResult
     extra = {"interrupted": True} if interrupted else {}
     if warmup_info is not None:
         extra["restarted_chains"] = stragglers.restarts_by_step(warmup_info.num_restarted)
+        # Announced with every result that holds them, interrupted and resumed runs included.
+        stragglers.warn_restarts(extra["restarted_chains"], stacklevel)
     return SampleResult(
         positions=draws,
         stats=stats,
@@ -211,10 +216,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
 
             warmup_chunk = settings.chunk_size or bar.chunk_length(num_warmup)
             pieces = _chunks(num_warmup, warmup_chunk, run.next_step)
-            first_step = run.next_step
             _run_phase(pieces, dispatch_warmup, record_warmup, in_flight)
-            restarted = run.warmup_trace[2][first_step:]
-            stragglers.warn_restarts(stragglers.restarts_by_step(restarted, first_step), 3)
             run.start_sampling()
 
         run_sampling = layout.sampling_fn()
@@ -353,7 +355,7 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
     if run.phase == "warmup" and run.next_step >= run.settings.num_warmup:
         run.start_sampling()
     if run.phase == "done":
-        return _result(run, layout)
+        return _result(run, layout, stacklevel=3)
     return _drive(run, logdensity_fn, layout, checkpoint_file.check_path(path), progress_bar)
 
 
@@ -400,7 +402,8 @@ def sample(
     target_acceptance_rate, dense, restart_stranded
         Passed to the warmup (see :func:`rwmh.window_adaptation`). Chains that warmup restarts
         are counted in ``result.extra["restarted_chains"]`` (``{warmup step: chains}``) and
-        announced with a ``RuntimeWarning``.
+        announced with a ``RuntimeWarning`` whenever a result holds them (interrupted and
+        resumed runs included).
     progress_bar
         Show a tqdm bar per phase with the mean acceptance rate and, while sampling, the
         largest split R-hat so far, when ``sys.stderr`` is a terminal (see

@@ -92,7 +92,8 @@ def stranded_threshold(dimension: int) -> float:
 
 
 def reference_rank(num_chains: int) -> int:
-    """``k``: the reference is the ``k``-th highest log density, ``k = ceil(C / 16)``."""
+    """``k``: the reference is the ``k``-th highest log density, ``k = ceil(C / 16)`` for ``C``
+    chains (padding excluded: :func:`restart_stranded` computes the same from its mask)."""
     return max(1, -(-int(num_chains) // REFERENCE_FRACTION))
 
 
@@ -132,7 +133,10 @@ def restart_stranded(states, dimension: int, chain_mask=None):
     values = jnp.where(finite, logdensity, -jnp.inf)
     # The k-th highest finite value (the highest when fewer than k are finite).
     num_finite = jnp.sum(finite)
-    k = jnp.clip(jnp.minimum(reference_rank(num_chains), num_finite), 1, None)
+    # k counts the valid chains only, so padding the chain axis never changes a decision.
+    num_valid = jnp.sum(valid)
+    k = (num_valid + REFERENCE_FRACTION - 1) // REFERENCE_FRACTION
+    k = jnp.clip(jnp.minimum(k, num_finite), 1, None)
     reference = jnp.sort(values)[num_chains - k]
     good = finite & (values >= reference - stranded_threshold(dimension))
     num_good = jnp.sum(good)
