@@ -184,7 +184,7 @@ def test_stranded_chains_restart_reported_and_warned():
     """A chain stranded far below the others restarts from a chain in the typical set; the
     warmup trace counts it, the result reports where, and a warning says so."""
     positions = _far_start_positions()
-    with pytest.warns(RuntimeWarning, match=r"warmup restarted 1 stranded chain .*step 100"):
+    with pytest.warns(rwmh.RestartWarning, match=r"warmup moved 1 chain whose .*1 at step 100"):
         result = rwmh.sample(
             jax.random.key(0),
             _narrow,
@@ -196,7 +196,7 @@ def test_stranded_chains_restart_reported_and_warned():
     assert result.extra["restarted_chains"] == {100: 1}
     assert int(np.sum(result.warmup_info.num_restarted)) == 1
     assert float(np.max(np.abs(result.positions))) < 1.0
-    with pytest.warns(RuntimeWarning, match="restarted 1 stranded chain"):
+    with pytest.warns(rwmh.RestartWarning, match="warmup moved 1 chain "):
         (_, _), info = rwmh.window_adaptation(_narrow).run(jax.random.key(0), positions, 500)
     assert int(np.sum(info.num_restarted)) == 1
 

@@ -9,9 +9,11 @@ from rwmh.adaptation import window_adaptation
 from rwmh.arviz import to_inference_data
 from rwmh.kernel import RWMHInfo, RWMHState, build_kernel, init, random_walk
 from rwmh.sampling import SampleResult, resume, sample
+from rwmh.stragglers import RestartWarning
 
 __all__ = [
     "RWMHInfo",
+    "RestartWarning",
     "RWMHState",
     "SampleResult",
     "build_kernel",

@@ -59,7 +59,8 @@ def window_adaptation(
         At the end of every slow window but the last, move chains whose log density is far
         below the best chains' onto the states of chains in the typical set (the rule and its
         limits are in :mod:`rwmh.stragglers`). Every restart is counted in
-        ``info.num_restarted`` and announced with a ``RuntimeWarning``; False turns it off.
+        ``info.num_restarted`` and announced with an :class:`rwmh.RestartWarning`; False turns
+        it off.
 
     Returns
     -------

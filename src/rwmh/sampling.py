@@ -402,7 +402,7 @@ def sample(
     target_acceptance_rate, dense, restart_stranded
         Passed to the warmup (see :func:`rwmh.window_adaptation`). Chains that warmup restarts
         are counted in ``result.extra["restarted_chains"]`` (``{warmup step: chains}``) and
-        announced with a ``RuntimeWarning`` whenever a result holds them (interrupted and
+        announced with an :class:`rwmh.RestartWarning` whenever a result holds them (interrupted and
         resumed runs included).
     progress_bar
         Show a tqdm bar per phase with the mean acceptance rate and, while sampling, the

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "RestartWarning",
     "reference_rank",
     "restart_at_window_end",
     "restart_stranded",
@@ -187,17 +188,26 @@ def restarts_by_step(num_restarted, first_step: int = 0) -> dict[int, int]:
     return {int(first_step + i + 1): int(counts[i]) for i in np.flatnonzero(counts)}
 
 
+class RestartWarning(RuntimeWarning):
+    """Warmup moved stranded chains onto other chains' states (:func:`warn_restarts`).
+
+    Its own category, so that it can be filtered alone:
+    ``warnings.filterwarnings("ignore", category=rwmh.RestartWarning)``; the counts stay in
+    ``result.extra["restarted_chains"]`` and ``info.num_restarted``.
+    """
+
+
 def warn_restarts(restarts: dict[int, int], stacklevel: int = 2) -> None:
-    """A ``RuntimeWarning`` naming how many chains were moved and where, if any were."""
+    """A :class:`RestartWarning` naming how many chains were moved and where, if any were."""
     if not restarts:
         return
     total = sum(restarts.values())
     where = ", ".join(f"{count} at step {step}" for step, count in restarts.items())
     warnings.warn(
-        f"warmup restarted {total} stranded chain{'s' if total != 1 else ''} from the states of "
-        f"chains in the typical set ({where}): their log density was far below what the best "
-        "chains reach. A mode that holds few chains can be lost this way; pass "
-        "restart_stranded=False to keep every chain where it is.",
-        RuntimeWarning,
+        f"warmup moved {total} chain{'s' if total != 1 else ''} whose log density was far below "
+        f"the best chains' onto chains in the typical set ({where}; see "
+        "result.extra['restarted_chains']). On a target with separated modes this can empty a "
+        "mode: compare with restart_stranded=False.",
+        RestartWarning,
         stacklevel=stacklevel + 1,
     )
