@@ -92,10 +92,11 @@ def stranded_threshold(dimension: int) -> float:
     return dimension / 2.0 + 20.0 + 5.0 * math.sqrt(dimension)
 
 
-def reference_rank(num_chains: int) -> int:
+def reference_rank(num_chains):
     """``k``: the reference is the ``k``-th highest log density, ``k = ceil(C / 16)`` for ``C``
-    chains (padding excluded: :func:`restart_stranded` computes the same from its mask)."""
-    return max(1, -(-int(num_chains) // REFERENCE_FRACTION))
+    chains (a Python int, or a traced count: :func:`restart_stranded` passes the number of
+    chains its mask leaves, so padding is excluded)."""
+    return (num_chains + REFERENCE_FRACTION - 1) // REFERENCE_FRACTION
 
 
 def restart_stranded(states, dimension: int, chain_mask=None):
@@ -135,9 +136,7 @@ def restart_stranded(states, dimension: int, chain_mask=None):
     # The k-th highest finite value (the highest when fewer than k are finite).
     num_finite = jnp.sum(finite)
     # k counts the valid chains only, so padding the chain axis never changes a decision.
-    num_valid = jnp.sum(valid)
-    k = (num_valid + REFERENCE_FRACTION - 1) // REFERENCE_FRACTION
-    k = jnp.clip(jnp.minimum(k, num_finite), 1, None)
+    k = jnp.clip(jnp.minimum(reference_rank(jnp.sum(valid)), num_finite), 1, None)
     reference = jnp.sort(values)[num_chains - k]
     good = finite & (values >= reference - stranded_threshold(dimension))
     num_good = jnp.sum(good)
