@@ -8,16 +8,21 @@ NumPyro ``MCMCKernel`` and ArviZ output. ``docs/architecture.md`` maps the modul
 from rwmh.adaptation import window_adaptation
 from rwmh.arviz import to_inference_data
 from rwmh.kernel import RWMHInfo, RWMHState, build_kernel, init, random_walk
+from rwmh.pmmh import EstimatedLogDensity, PseudoMarginalState, estimator_noise, pseudo_marginal
 from rwmh.sampling import SampleResult, resume, sample
 from rwmh.stragglers import RestartWarning
 
 __all__ = [
+    "EstimatedLogDensity",
+    "PseudoMarginalState",
     "RWMHInfo",
     "RestartWarning",
     "RWMHState",
     "SampleResult",
     "build_kernel",
+    "estimator_noise",
     "init",
+    "pseudo_marginal",
     "random_walk",
     "resume",
     "sample",

@@ -47,7 +47,9 @@ def window_adaptation(
     Parameters
     ----------
     logdensity_fn
-        Log density of the target for one position.
+        Log density of the target for one position, or an :class:`rwmh.EstimatedLogDensity`
+        (pseudo-marginal; the default target acceptance rate is then
+        :data:`rwmh.pmmh.DEFAULT_TARGET_ACCEPTANCE_RATE`).
     target_acceptance_rate
         Acceptance rate to tune the step size toward, in (0, 1). By default it depends on the
         dimension ``d``: ``0.234 + 0.206 exp(-(d - 1) / 2)`` (0.44 for d = 1).
@@ -102,6 +104,7 @@ def window_adaptation(
             initial_proposal_cov,
             dense,
             cov_name="initial_proposal_cov",
+            warmup_key=rng_key,
         )
         checks.check_finite_logdensity(states.logdensity, "positions")
         schedule = tuning.build_schedule(num_steps, restart_stranded=restart_stranded)

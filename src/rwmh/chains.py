@@ -12,6 +12,9 @@ This module is the one answer to "which key does chain ``c`` use at step ``t``":
 * At step ``t`` of the phase (counted from 0 over the whole phase, whatever the chunking)
   chain ``c`` steps with ``fold_in(chain_key, t)`` (:func:`step`).
 
+A pseudo-marginal chain (:class:`rwmh.EstimatedLogDensity`) draws its initial ``u`` with
+``fold_in(chain_key, INIT_STEP)``, the warmup key of a step index no phase reaches.
+
 So the draws depend neither on how a run is cut into chunks nor on how its chains are laid
 out over devices, and a run resumed from a checkpoint continues with the very same keys.
 
@@ -30,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from rwmh import checks, stragglers, tuning
+from rwmh import checks, pmmh, stragglers, tuning
 from rwmh.kernel import FactoredCov, RWMHState, build_kernel, factor_proposal_cov, init
+from rwmh.pmmh import EstimatedLogDensity
 
 __all__ = [
     "phase_keys",
@@ -39,6 +43,8 @@ __all__ = [
     "step",
     "flat_dimension",
     "init_states",
+    "init_keys",
+    "recompute_logdensity",
     "initial_state",
     "warmup_loop",
     "run_warmup",
@@ -47,6 +53,10 @@ __all__ = [
 ]
 
 Array = jax.Array
+
+#: The warmup step index whose key draws a pseudo-marginal chain's initial ``u``: the largest
+#: ``uint32``, which no run reaches.
+INIT_STEP = 2**32 - 1
 
 
 def phase_keys(rng_key) -> tuple[Array, Array]:
@@ -83,8 +93,14 @@ def step(
     The one vmapped Metropolis-Hastings step of warmup and sampling; returns the batched
     ``(RWMHState, RWMHInfo)``.
     """
-    kernel = build_kernel()
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step_index)
+    if isinstance(logdensity_fn, EstimatedLogDensity):
+        estimator, correlation = logdensity_fn.logdensity_estimator, logdensity_fn.correlation
+        kernel = pmmh.build_kernel()
+        return jax.vmap(lambda k, s: kernel(k, s, estimator, step_size, proposal, correlation))(
+            step_keys, states
+        )
+    kernel = build_kernel()
     return jax.vmap(lambda k, s: kernel(k, s, logdensity_fn, step_size, proposal))(
         step_keys, states
     )
@@ -96,29 +112,69 @@ def flat_dimension(positions) -> int:
 
 
 @partial(jax.jit, static_argnames=("logdensity_fn",))
-def init_states(logdensity_fn, positions) -> RWMHState:
-    """``jax.vmap(rwmh.init)`` over the chain axis, compiled."""
+def init_states(logdensity_fn, positions, keys=None) -> RWMHState:
+    """``jax.vmap(rwmh.init)`` over the chain axis, compiled. For an
+    :class:`rwmh.EstimatedLogDensity`, ``keys`` (one per chain) draw each chain's ``u``."""
+    if isinstance(logdensity_fn, EstimatedLogDensity):
+        estimator, aux_shape = logdensity_fn.logdensity_estimator, logdensity_fn.aux_shape
+        return jax.vmap(lambda p, k: pmmh.init(p, estimator, k, aux_shape))(positions, keys)
     return jax.vmap(lambda p: init(p, logdensity_fn))(positions)
 
 
+def init_keys(warmup_key, num_chains: int) -> Array:
+    """The keys that draw the initial ``u`` of pseudo-marginal chains: ``fold_in(chain_key,
+    INIT_STEP)`` for each chain's warmup key."""
+    keys = chain_keys(warmup_key, num_chains)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, np.uint32(INIT_STEP))
+
+
+def recompute_logdensity(logdensity_fn, states) -> Array:
+    """The log densities (for an :class:`rwmh.EstimatedLogDensity`: the estimates from the
+    states' own ``u``) at the positions of batched ``states``; ValueError if the states are
+    not of the kind ``logdensity_fn`` runs."""
+    estimated = isinstance(logdensity_fn, EstimatedLogDensity)
+    if estimated != hasattr(states, "u"):
+        raise ValueError(
+            "logdensity_fn must be an rwmh.EstimatedLogDensity exactly when the states carry "
+            f"u (pseudo-marginal); got {type(logdensity_fn).__name__} for "
+            f"{type(states).__name__}."
+        )
+    if estimated:
+        return jax.jit(jax.vmap(logdensity_fn.logdensity_estimator))(states.position, states.u)
+    return init_states(logdensity_fn, states.position).logdensity
+
+
 def initial_state(
-    logdensity_fn, positions, step_size=None, proposal_cov=None, dense=True, cov_name="proposal_cov"
+    logdensity_fn,
+    positions,
+    step_size=None,
+    proposal_cov=None,
+    dense=True,
+    cov_name="proposal_cov",
+    warmup_key=None,
 ):
     """Batched chain states and a fresh :class:`rwmh.tuning.AdaptationState` for ``positions``.
 
     ``proposal_cov`` (an array, None, or a :class:`rwmh.kernel.FactoredCov` that the caller
     has validated already) is validated against the positions' dimension here, outside
-    ``jit`` where its values are concrete; errors call it ``cov_name``.
+    ``jit`` where its values are concrete; errors call it ``cov_name``. For an
+    :class:`rwmh.EstimatedLogDensity` the estimator is checked by tracing it (before anything
+    is compiled) and ``warmup_key`` draws the chains' ``u`` (:func:`init_keys`).
     """
     if not isinstance(proposal_cov, FactoredCov):
         proposal_cov = factor_proposal_cov(proposal_cov, flat_dimension(positions), cov_name)
     covariance = proposal_cov.covariance
-    return _initial_state(logdensity_fn, positions, step_size, covariance, dense)
+    keys = None
+    if isinstance(logdensity_fn, EstimatedLogDensity):
+        logdensity_fn.check(jax.tree_util.tree_map(lambda x: x[0], positions))
+        num_chains = jax.tree_util.tree_leaves(positions)[0].shape[0]
+        keys = init_keys(warmup_key, num_chains)
+    return _initial_state(logdensity_fn, positions, step_size, covariance, dense, keys)
 
 
 @partial(jax.jit, static_argnames=("logdensity_fn", "dense"))
-def _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense):
-    states = init_states(logdensity_fn, positions)
+def _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense, keys=None):
+    states = init_states(logdensity_fn, positions, keys)
     flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
     dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
     adapt = tuning.init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
@@ -142,7 +198,9 @@ def warmup_loop(
     """
     flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], states.position))
     dimension = flat_one.shape[0]
-    if target_acceptance_rate is None:
+    if target_acceptance_rate is None and isinstance(logdensity_fn, EstimatedLogDensity):
+        target_acceptance_rate = pmmh.DEFAULT_TARGET_ACCEPTANCE_RATE
+    elif target_acceptance_rate is None:
         target_acceptance_rate = tuning.default_target_acceptance_rate(dimension)
     ravel = jax.vmap(lambda p: ravel_pytree(p)[0])
 

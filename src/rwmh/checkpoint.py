@@ -29,6 +29,7 @@ import numpy as np
 
 from rwmh import tuning
 from rwmh.kernel import FactoredCov, RWMHState
+from rwmh.pmmh import PseudoMarginalState
 from rwmh.run import PHASES, Run, Settings
 
 __all__ = [
@@ -236,6 +237,8 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
     structure, position_leaves = encode_tree(states.position)
     key_meta, key_data = _key_record(run.rng_key)
     arrays = {"rng_key": key_data, "state/logdensity": states.logdensity}
+    if isinstance(states, PseudoMarginalState):
+        arrays["state/u"] = states.u
     arrays.update({f"state/position/{i}": leaf for i, leaf in enumerate(position_leaves)})
     arrays.update(_adapt_arrays(adapt))
     optional = {}
@@ -295,6 +298,8 @@ def load(path) -> Run:
     except (ValueError, TypeError, IndexError, AttributeError) as error:
         raise fail(f"its position structure is invalid ({error})") from None
     states = RWMHState(position, array("state/logdensity"))
+    if "state/u" in arrays:
+        states = PseudoMarginalState(*states, arrays["state/u"])
     for leaf in jax.tree_util.tree_leaves(states):
         if np.shape(leaf)[:1] != (num_chains,):
             raise fail(f"a state array has shape {np.shape(leaf)}, not ({num_chains}, ...)")

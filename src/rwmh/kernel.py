@@ -55,6 +55,8 @@ __all__ = [
     "FactoredCov",
     "factor_proposal_cov",
     "proposal_scale",
+    "propose",
+    "accept_reject",
 ]
 
 ArrayTree = Any
@@ -332,6 +334,30 @@ def _propose(rng_key: PRNGKey, flat_position: Array, step_size, factor) -> tuple
     return proposal, jnp.log(jax.scipy.special.ndtr(extra))
 
 
+def propose(rng_key: PRNGKey, state, step_size: ArrayLike, proposal_cov=None):
+    """The proposal of every rwmh kernel: ``(position + step_size * L z, log uniform)``.
+
+    ``state`` has a ``position`` (and a ``logdensity``); ``proposal_cov`` is None, a covariance
+    array (validated and factored here) or a :class:`FactoredCov`. Returns the proposed
+    position, a PyTree like ``state.position``, and the log of the uniform that
+    :func:`accept_reject` compares with the log ratio.
+    """
+    checks.check_key(rng_key)
+    if not (hasattr(state, "position") and hasattr(state, "logdensity")):
+        raise TypeError(
+            "state must be an RWMHState(position, logdensity), as made by init; got "
+            f"{type(state).__name__}."
+        )
+    flat_position, unravel = ravel_pytree(state.position)
+    if isinstance(proposal_cov, FactoredCov):
+        factor = proposal_cov.factor
+        _check_factor(factor, flat_position.shape[0])
+    else:
+        factor = proposal_scale(proposal_cov, flat_position.shape[0])
+    flat_proposal, log_uniform = _propose(rng_key, flat_position, step_size, factor)
+    return unravel(flat_proposal), log_uniform
+
+
 def build_kernel() -> Callable:
     """Build the random-walk Metropolis-Hastings transition kernel.
 
@@ -352,37 +378,38 @@ def build_kernel() -> Callable:
         step_size: ArrayLike,
         proposal_cov: ArrayLike | FactoredCov | None = None,
     ) -> tuple[RWMHState, RWMHInfo]:
-        checks.check_key(rng_key)
-        if not (hasattr(state, "position") and hasattr(state, "logdensity")):
-            raise TypeError(
-                "state must be an RWMHState(position, logdensity), as made by init; got "
-                f"{type(state).__name__}."
-            )
-        flat_position, unravel = ravel_pytree(state.position)
-        if isinstance(proposal_cov, FactoredCov):
-            factor = proposal_cov.factor
-            _check_factor(factor, flat_position.shape[0])
-        else:
-            factor = proposal_scale(proposal_cov, flat_position.shape[0])
-        flat_proposal, log_uniform = _propose(rng_key, flat_position, step_size, factor)
-        proposal_position = unravel(flat_proposal)
+        proposal_position, log_uniform = propose(rng_key, state, step_size, proposal_cov)
         proposal_logdensity = _check_scalar_logdensity(logdensity_fn(proposal_position))
-        proposal_logdensity = proposal_logdensity.astype(jnp.result_type(state.logdensity))
-
-        log_ratio = proposal_logdensity - state.logdensity
-        admissible = jnp.isfinite(proposal_logdensity) & ~jnp.isnan(log_ratio)
-        is_accepted = admissible & (log_uniform < log_ratio)
-        acceptance_rate = jnp.where(
-            admissible, jnp.exp(jnp.minimum(log_ratio, 0.0)), jnp.zeros_like(log_ratio)
-        )
-
         proposal = RWMHState(proposal_position, proposal_logdensity)
-        new_state = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(is_accepted, new, old), proposal, state
-        )
-        return new_state, RWMHInfo(acceptance_rate, is_accepted, proposal)
+        return accept_reject(log_uniform, state, proposal)
 
     return kernel
+
+
+def accept_reject(log_uniform: Array, state, proposal) -> tuple[Any, RWMHInfo]:
+    """The one Metropolis-Hastings accept/reject step of every rwmh kernel.
+
+    ``state`` and ``proposal`` are states of the same type (an :class:`RWMHState`, or the
+    pseudo-marginal state of :mod:`rwmh.pmmh`, whose ``logdensity`` is an
+    estimate) with a scalar ``logdensity`` field; ``log_uniform`` is the log of a uniform
+    draw. The proposal is accepted when ``log_uniform < proposal.logdensity -
+    state.logdensity``, never when its log density is NaN or infinite, and the new state is
+    the proposal or ``state``, field by field. Returns ``(new_state, RWMHInfo)``.
+    """
+    proposal_logdensity = proposal.logdensity.astype(jnp.result_type(state.logdensity))
+    proposal = proposal._replace(logdensity=proposal_logdensity)
+
+    log_ratio = proposal_logdensity - state.logdensity
+    admissible = jnp.isfinite(proposal_logdensity) & ~jnp.isnan(log_ratio)
+    is_accepted = admissible & (log_uniform < log_ratio)
+    acceptance_rate = jnp.where(
+        admissible, jnp.exp(jnp.minimum(log_ratio, 0.0)), jnp.zeros_like(log_ratio)
+    )
+
+    new_state = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(is_accepted, new, old), proposal, state
+    )
+    return new_state, RWMHInfo(acceptance_rate, is_accepted, proposal)
 
 
 def random_walk(

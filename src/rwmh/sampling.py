@@ -289,8 +289,11 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
 def _check_logdensity(path, logdensity_fn, states) -> None:
     """Refuse to resume with a log density other than the one the run was sampling."""
     count = min(4, np.shape(states.logdensity)[0])
-    position = jax.tree_util.tree_map(lambda x: jnp.asarray(x[:count]), states.position)
-    recomputed = np.asarray(chains.init_states(logdensity_fn, position).logdensity)
+    first = jax.tree_util.tree_map(lambda x: jnp.asarray(x[:count]), states)
+    try:
+        recomputed = np.asarray(chains.recompute_logdensity(logdensity_fn, first))
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path!r}: {error}") from None
     saved = np.asarray(states.logdensity[:count])
     if not np.allclose(recomputed, saved, rtol=1e-3, atol=1e-3, equal_nan=True):
         raise ValueError(
@@ -384,7 +387,10 @@ def sample(
     rng_key
         A typed key (``jax.random.key``) or a legacy ``jax.random.PRNGKey``.
     logdensity_fn
-        Log density of the target for one position (a PyTree), returning a scalar.
+        Log density of the target for one position (a PyTree), returning a scalar; or an
+        :class:`rwmh.EstimatedLogDensity`, a log density estimated by simulation, which runs
+        the pseudo-marginal kernel (:mod:`rwmh.pmmh`: the states carry the
+        estimate and its ``u``, ``stats["lp"]`` is the estimate).
     initial_positions
         A PyTree whose leaves carry a leading chain axis: ``(num_chains, ...)``.
     num_samples
@@ -476,7 +482,14 @@ def sample(
         positions = layout.chains(positions)
     # Validated once, here: warmup starts from it, or sampling uses it as it is.
     proposal = factor_proposal_cov(proposal_cov, chains.flat_dimension(positions))
-    states, adapt = chains.initial_state(logdensity_fn, positions, step_size, proposal, dense)
+    states, adapt = chains.initial_state(
+        logdensity_fn,
+        positions,
+        step_size,
+        proposal,
+        dense,
+        warmup_key=chains.phase_keys(rng_key)[0],
+    )
     checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")
     settings = Settings(
         num_chains=num_chains,
