@@ -49,7 +49,7 @@ def window_adaptation(
     logdensity_fn
         Log density of the target for one position, or an :class:`rwmh.EstimatedLogDensity`
         (pseudo-marginal; the default target acceptance rate is then
-        :data:`rwmh.pmmh.DEFAULT_TARGET_ACCEPTANCE_RATE`).
+        :func:`rwmh.pmmh.default_target_acceptance_rate`).
     target_acceptance_rate
         Acceptance rate to tune the step size toward, in (0, 1). By default it depends on the
         dimension ``d``: ``0.234 + 0.206 exp(-(d - 1) / 2)`` (0.44 for d = 1).

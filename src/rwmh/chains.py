@@ -199,7 +199,7 @@ def warmup_loop(
     flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], states.position))
     dimension = flat_one.shape[0]
     if target_acceptance_rate is None and isinstance(logdensity_fn, EstimatedLogDensity):
-        target_acceptance_rate = pmmh.DEFAULT_TARGET_ACCEPTANCE_RATE
+        target_acceptance_rate = pmmh.default_target_acceptance_rate(logdensity_fn.correlation)
     elif target_acceptance_rate is None:
         target_acceptance_rate = tuning.default_target_acceptance_rate(dimension)
     ravel = jax.vmap(lambda p: ravel_pytree(p)[0])
