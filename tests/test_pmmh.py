@@ -250,39 +250,36 @@ def test_chunked_and_unchunked_runs_are_identical():
     np.testing.assert_array_equal(whole.last_state.u, chunked.last_state.u)
 
 
-def test_checkpoint_resume_is_bit_identical(tmp_path):
-    path = tmp_path / "run.npz"
-    whole = sample(chunk_size=20, checkpoint=path)
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("phase, step", [("warmup", 40), ("sampling", 20)])
+def test_checkpoint_resume_is_bit_identical(tmp_path, monkeypatch, phase, step):
     from rwmh import checkpoint
 
-    # Cut the run short in warmup and in sampling: rewrite the file as it was after a chunk.
-    for phase_steps in ((20, "warmup"), (40, "sampling")):
-        interrupted = tmp_path / f"cut-{phase_steps[1]}.npz"
+    whole = sample(chunk_size=20)
+    path = tmp_path / "run.npz"
+    original = checkpoint.save
 
-        class Stop(Exception):
-            pass
+    def save_then_stop(path_, run, states, adapt):
+        original(path_, run, states, adapt)
+        if run.phase == phase and run.next_step == step:
+            raise _Stop  # as if the process died right after this save
 
-        saves = []
-        original = checkpoint.save
-
-        def save_then_stop(path_, run, states, adapt, _saves=saves, _stop_at=phase_steps):
-            original(path_, run, states, adapt)
-            _saves.append(run.phase)
-            if run.phase == _stop_at[1] and run.next_step == _stop_at[0]:
-                raise Stop
-
-        checkpoint.save = save_then_stop
-        try:
-            with pytest.raises(Stop):
-                sample(chunk_size=20, checkpoint=interrupted)
-        finally:
-            checkpoint.save = original
-        saved = checkpoint.load(str(interrupted))
-        assert isinstance(saved.states, rwmh.PseudoMarginalState)
-        resumed = rwmh.resume(interrupted, TARGET, progress_bar=False)
-        np.testing.assert_array_equal(resumed.positions, whole.positions)
-        np.testing.assert_array_equal(resumed.stats["lp"], whole.stats["lp"])
-        np.testing.assert_array_equal(resumed.last_state.u, whole.last_state.u)
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(_Stop):
+        sample(chunk_size=20, checkpoint=path)
+    monkeypatch.undo()
+    saved = checkpoint.load(str(path))
+    assert (saved.phase, saved.next_step) == (phase, step)
+    assert isinstance(saved.states, rwmh.PseudoMarginalState)
+    assert saved.states.u.shape == (6, *AUX_SHAPE)
+    resumed = rwmh.resume(path, TARGET, progress_bar=False)
+    np.testing.assert_array_equal(resumed.positions, whole.positions)
+    np.testing.assert_array_equal(resumed.stats["lp"], whole.stats["lp"])
+    np.testing.assert_array_equal(resumed.stats["is_accepted"], whole.stats["is_accepted"])
+    np.testing.assert_array_equal(resumed.last_state.u, whole.last_state.u)
 
 
 def test_resume_refuses_the_wrong_kind_of_target(tmp_path):
