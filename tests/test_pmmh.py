@@ -323,3 +323,69 @@ def test_estimator_noise_measures_the_stated_sds():
     np.testing.assert_allclose(noise.log_estimate_sd, NOISE, rtol=0.05)
     np.testing.assert_allclose(noise.log_ratio_sd, NOISE * np.sqrt(2 * 0.1), rtol=0.05)
     assert rwmh.estimator_noise(target, jax.random.key(0), positions, 10).log_ratio_sd is None
+
+
+# --- the state-space model: pseudo-marginal posteriors agree with the Kalman posterior ------
+
+
+def _moments(draws):
+    """Per coordinate of ``(chain, draw, d)`` draws: mean, sd and their MCSEs (ArviZ's MCSE of
+    the mean of ``x`` and, by the delta method, of ``(x - mean)^2`` for the sd)."""
+    import arviz as az
+
+    mean = draws.mean(axis=(0, 1))
+    centred = (draws - mean) ** 2
+    mcse = az.mcse(az.convert_to_dataset({"x": draws, "c": centred}))
+    sd = np.sqrt(centred.mean(axis=(0, 1)))
+    return mean, sd, np.asarray(mcse["x"]), np.asarray(mcse["c"]) / (2 * sd)
+
+
+def posterior_agreement(num_times, num_particles, num_chains, num_warmup, num_samples):
+    """Fit the AR(1) model exactly and pseudo-marginally (rho = 0 and 0.99, the same particle
+    count); return ``{rho: (z of the means, sd ratios, z of the sds)}`` against the exact fit,
+    with z in units of the combined MCSE."""
+    from rwmh.models import ar1_state_space, simulate_ar1
+
+    _, y = simulate_ar1(jax.random.key(42), num_times)
+    model = ar1_state_space(y, num_particles)
+    start_key, key = jax.random.split(jax.random.key(1))
+    start = jnp.array([np.arctanh(0.8), 0.0, 0.0]) + 0.1 * jax.random.normal(
+        start_key, (num_chains, 3)
+    )
+    options = {"num_samples": num_samples, "num_warmup": num_warmup, "progress_bar": False}
+    exact = _moments(rwmh.sample(key, model.logdensity_fn, start, **options).positions)
+    agreement = {}
+    for correlation in (0.0, 0.99):
+        target = rwmh.EstimatedLogDensity(
+            model.target.logdensity_estimator, model.aux_shape, correlation
+        )
+        mean, sd, mcse_mean, mcse_sd = _moments(
+            rwmh.sample(key, target, start, **options).positions
+        )
+        agreement[correlation] = (
+            (mean - exact[0]) / np.hypot(mcse_mean, exact[2]),
+            sd / exact[1],
+            (sd - exact[1]) / np.hypot(mcse_sd, exact[3]),
+        )
+    return agreement
+
+
+def test_state_space_posteriors_agree_with_the_kalman_posterior_small():
+    agreement = posterior_agreement(
+        num_times=50, num_particles=20, num_chains=8, num_warmup=400, num_samples=1000
+    )
+    for correlation, (z_mean, _, z_sd) in agreement.items():
+        assert np.all(np.abs(z_mean) < 5), (correlation, z_mean)
+        assert np.all(np.abs(z_sd) < 5), (correlation, z_sd)
+
+
+@pytest.mark.slow
+def test_state_space_posteriors_agree_with_the_kalman_posterior():
+    # The acceptance criterion: means within 5 combined MCSE, sds within 10%.
+    agreement = posterior_agreement(
+        num_times=100, num_particles=32, num_chains=32, num_warmup=1000, num_samples=4000
+    )
+    for correlation, (z_mean, sd_ratio, _) in agreement.items():
+        print(correlation, "z of means", z_mean, "sd ratios", sd_ratio)
+        assert np.all(np.abs(z_mean) < 5), (correlation, z_mean)
+        assert np.all(np.abs(sd_ratio - 1) < 0.10), (correlation, sd_ratio)

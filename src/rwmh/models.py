@@ -120,7 +120,7 @@ def simulate_ar1(
     rng_key,
     num_times: int,
     phi: float = 0.8,
-    state_sd: float = 1.0,
+    state_sd: float = 0.5,
     observation_sd: float = 1.0,
 ):
     """Simulate the state-space model of :func:`ar1_state_space`.
