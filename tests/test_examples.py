@@ -55,3 +55,22 @@ def test_numpy_loglikelihood_broadcasts_over_chains():
     batched = loglik(theta)
     assert batched.shape == (2,)
     np.testing.assert_allclose(batched, [loglik(theta[0]), loglik(theta[1])])
+
+
+def test_pseudo_marginal(capsys):
+    example = load("pseudo_marginal")
+    fits = example.main(
+        ["--times", "30", "--particles", "16", "--chains", "4", "--warmup", "200"]
+        + ["--samples", "200"]
+    )
+    exact = fits["exact"]
+    assert exact.shape == (4, 200, 3)
+    mean, sd = exact.mean(axis=(0, 1)), exact.std(axis=(0, 1))
+    for correlation in (0.0, 0.99):
+        assert fits[correlation].shape == (4, 200, 3)
+        # Loose: 800 sticky pseudo-marginal draws have an effective size of a few dozen; the
+        # statistical agreement is tests/test_pmmh.py's job.
+        np.testing.assert_array_less(np.abs(fits[correlation].mean(axis=(0, 1)) - mean), sd)
+    out = capsys.readouterr().out
+    assert out.count("ESS per second") == 2
+    assert "sd of the log-likelihood estimate" in out
