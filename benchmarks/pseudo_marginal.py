@@ -62,7 +62,7 @@ def main(argv=None):
     data_key, start_key, key = jax.random.split(jax.random.key(0), 3)
     _, y = simulate_ar1(data_key, settings["times"])
     exact_model = ar1_state_space(y, 2)
-    start = jnp.array([np.arctanh(0.8), np.log(0.5), 0.0]) + 0.1 * jax.random.normal(
+    start = jnp.array([np.arctanh(0.95), np.log(0.3), 0.0]) + 0.1 * jax.random.normal(
         start_key, (settings["chains"], 3)
     )
     exact = rwmh.sample(key, exact_model.logdensity_fn, start, 1000, 1000, progress_bar=False)

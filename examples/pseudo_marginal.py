@@ -36,7 +36,7 @@ import numpy as np
 import rwmh
 from rwmh.models import ar1_state_space, simulate_ar1
 
-TRUE = {"phi": 0.8, "state_sd": 0.5, "observation_sd": 1.0}
+TRUE = {"phi": 0.95, "state_sd": 0.3, "observation_sd": 1.0}
 
 
 def fit(rng_key, logdensity, start, num_warmup, num_samples):
