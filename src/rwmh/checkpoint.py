@@ -261,6 +261,10 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
         "rng_key": key_meta,
         "optional": present,
     }
+    if run.settings.until is not None:
+        # The checks so far and the stop, so that a resumed run reports the whole run.
+        metadata["checks"] = run.checks
+        metadata["stop"] = run.stop
     write(path, metadata, arrays)
 
 
@@ -311,6 +315,8 @@ def load(path) -> Run:
         rng_key = jnp.asarray(array("rng_key"))
 
     run = Run(settings, rng_key, phase, next_step, states, adapt)
+    run.checks = list(metadata.get("checks") or [])
+    run.stop = metadata.get("stop")
     if "parameters/step_size" in optional:
 
         def optional_array(name):
@@ -340,7 +346,8 @@ def load(path) -> Run:
         stats = {
             name: array(f"draws/stats/{name}") for name in ("acceptance_rate", "is_accepted", "lp")
         }
-        done = settings.num_samples if phase == "done" else next_step
+        # A run stopped by `until` is done before its cap: next_step counts its draws.
+        done = next_step
         for leaf in jax.tree_util.tree_leaves((draws, stats)):
             if np.shape(leaf)[:2] != (num_chains, done):
                 expected = f"({num_chains}, {done}, ...)"

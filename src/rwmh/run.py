@@ -36,6 +36,8 @@ class Settings:
     target_acceptance_rate: float | None
     dense: bool
     restart_stranded: bool = True
+    #: ``rwmh.Converged(...).to_dict()`` (superchains resolved) for ``until=``, else None.
+    until: dict | None = None
 
     def to_dict(self) -> dict:
         """The settings as JSON-ready values (the checkpoint's ``settings`` entry)."""
@@ -56,6 +58,7 @@ class Settings:
             target_acceptance_rate=None if target is None else float(target),
             dense=bool(values["dense"]),
             restart_stranded=bool(values["restart_stranded"]),
+            until=values.get("until"),
         )
 
 
@@ -86,6 +89,9 @@ class Run:
     proposal: FactoredCov | None = None
     warmup_trace: Any = None
     draws: Any = None
+    #: With ``until``: the report of every check so far, and of the one that stopped the run.
+    checks: list = dataclasses.field(default_factory=list)
+    stop: dict | None = None
 
     def start_sampling(self) -> None:
         """Fix the parameters at the end of warmup (without warmup they were given)."""
@@ -108,19 +114,31 @@ class Run:
 
     def store_draws(self, draws, first: int) -> None:
         """Copy a chunk of draws, ``(draw, chain, ...)``, to draws ``first, ...`` of every chain."""
-        if self.draws is None:
-            total = self.settings.num_samples
+        total = self.settings.num_samples
+        needed = first + jax.tree_util.tree_leaves(draws)[0].shape[0]
+        if self.settings.until is not None:
+            # A run that stops when it converges rarely reaches its cap: the buffers grow (by
+            # doubling) with the draws instead of holding the cap from the start.
+            total = min(total, max(needed, 2 * self._capacity()))
+        if self.draws is None or self._capacity() < needed:
+            old = self.draws
             self.draws = jax.tree_util.tree_map(
                 lambda x: np.empty((x.shape[1], total, *x.shape[2:]), x.dtype), draws
             )
+            if old is not None:
+                for buffer, kept in _leaf_pairs(self.draws, old):
+                    buffer[:, :first] = kept[:, :first]
         for buffer, part in _leaf_pairs(self.draws, draws):
             buffer[:, first : first + part.shape[0]] = np.swapaxes(part, 0, 1)
+
+    def _capacity(self) -> int:
+        return 0 if self.draws is None else jax.tree_util.tree_leaves(self.draws)[0].shape[1]
 
     def completed(self):
         """``(warmup_info, (positions, stats))`` of the steps completed so far (views), or None
         for a part not started."""
         num_warmup = self.next_step if self.phase == "warmup" else self.settings.num_warmup
-        num_draws = {"warmup": 0, "sampling": self.next_step, "done": None}[self.phase]
+        num_draws = 0 if self.phase == "warmup" else self.next_step
         warmup = draws = None
         if self.warmup_trace is not None:
             warmup = tuning.AdaptationInfo(*(x[:num_warmup] for x in self.warmup_trace))

@@ -18,6 +18,7 @@ not compile again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwmh import chains, checks, progress, stragglers, tuning
+from rwmh import chains, checks, convergence, progress, stragglers, tuning
 from rwmh import checkpoint as checkpoint_file
 from rwmh.devices import Layout, resolve_devices
 from rwmh.kernel import RWMHState, check_step_size, factor_proposal_cov
@@ -115,6 +116,13 @@ def _result(
         }
     parameters = run.parameters if run.parameters is not None else tuning.final(run.adapt)
     extra = {"interrupted": True} if interrupted else {}
+    if run.settings.until is not None:
+        extra["checks"] = list(run.checks)
+        if run.stop is not None:
+            extra["stop"] = dict(run.stop)
+            if run.stop["reason"] != "converged":
+                until = convergence.Converged.from_dict(run.settings.until)
+                convergence.warn_unconverged(run.stop, until, stacklevel)
     if warmup_info is not None:
         extra["restarted_chains"] = stragglers.restarts_by_step(warmup_info.num_restarted)
         # Announced with every result that holds them, interrupted and resumed runs included.
@@ -167,6 +175,54 @@ def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFligh
         outputs = dispatch(first, length)
         in_flight.hold(record, first, length, *outputs)
     in_flight.finish()
+
+
+class _Stopping:
+    """The checks of a run with ``until``: where they fall and what they decide."""
+
+    def __init__(self, settings: Settings, bar):
+        self.until = convergence.Converged.from_dict(settings.until)
+        self.superchains = self.until.superchains if self.until.max_nested_rhat else None
+        self.chunk = settings.chunk_size or min(convergence.DEFAULT_CHUNK, settings.num_samples)
+        self.points = set(
+            convergence.check_points(
+                self.until.first_check, self.until.check_growth, self.chunk, settings.num_samples
+            )
+        )
+        self.bar = bar
+        self.names = None
+
+    def until_done(self, pieces, run: Run):
+        """The chunks of ``pieces`` until a check stops the run."""
+        for piece in pieces:
+            if run.phase == "done":
+                return
+            yield piece
+
+    def after_chunk(self, run: Run) -> None:
+        """Check the draws so far if the schedule says so; stop the run if they converged."""
+        if run.next_step not in self.points:
+            return
+        draws, _ = jax.tree_util.tree_map(lambda x: x[:, : run.next_step], run.draws)
+        if self.names is None:
+            self.names = convergence.component_names(
+                jax.tree_util.tree_map(lambda x: x[:, 0], draws)
+            )
+        report = convergence.check(draws, self.until, self.superchains, self.names)
+        if jax.process_count() > 1:
+            # Every process holds the same gathered draws; process 0's decision is everyone's,
+            # so that no rounding difference can split the processes.
+            from jax.experimental import multihost_utils
+
+            decided = multihost_utils.broadcast_one_to_all(np.asarray(report["converged"]))
+            report["converged"] = bool(decided)
+        run.checks.append(report)
+        self.bar.goal(report, self.until)
+        if report["converged"]:
+            run.stop = {"reason": "converged", **report}
+            run.phase = "done"
+        elif run.next_step == run.settings.num_samples:
+            run.stop = {"reason": "cap", **report}
 
 
 def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, show):
@@ -237,18 +293,29 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
             )
             return carry["states"], draws
 
+        stopping = _Stopping(settings, bar) if settings.until is not None else None
+
         def record_draws(first, num_draws, states, draws):
+            if run.phase == "done":
+                return  # dispatched before the check that stopped the run: not part of it
             host_draws = layout.to_host(draws, chain_axis=1)
             run.store_draws(host_draws, first)
             bar.update(num_draws * thin, host_draws[1]["acceptance_rate"], host_draws[0])
             run.states, run.next_step = states, first + num_draws
+            if stopping is not None:
+                stopping.after_chunk(run)
             if run.next_step == num_samples:
                 run.phase = "done"
             _save(run, layout, checkpoint_path)
 
         carry["states"] = run.states
-        sampling_chunk = settings.chunk_size or bar.chunk_length(num_samples)
+        if stopping is not None:
+            sampling_chunk = stopping.chunk
+        else:
+            sampling_chunk = settings.chunk_size or bar.chunk_length(num_samples)
         pieces = _chunks(num_samples, sampling_chunk, run.next_step)
+        if stopping is not None:
+            pieces = stopping.until_done(pieces, run)
         _run_phase(pieces, dispatch_draws, record_draws, in_flight)
         run.phase = "done"
         bar.close()
@@ -376,6 +443,7 @@ def sample(
     chunk_size: int | None = None,
     devices=None,
     checkpoint=None,
+    until=None,
 ) -> SampleResult:
     """Run several random-walk Metropolis-Hastings chains: pooled warmup, then sampling.
 
@@ -428,6 +496,19 @@ def sample(
         is replaced. Each write holds all draws so far, so pick ``chunk_size`` to write every
         few minutes rather than every second.
 
+    until
+        None, or an :class:`rwmh.Converged`: sample until the chains have converged, with
+        ``num_samples`` as the cap. The draws are checked with ArviZ at chunk boundaries on a
+        geometric schedule (see :mod:`rwmh.convergence`); the run stops at the first check
+        where every scalar component has rank-normalised split R-hat <= ``max_rhat`` and bulk
+        and tail ESS >= ``min_ess``, as ArviZ computes them on all draws so far. The result
+        holds exactly the draws up to that check; ``result.extra["stop"]`` says why it stopped
+        (``"reason"``: ``"converged"`` or ``"cap"``), at which draw (``"draw"``) and with
+        which figures, and ``result.extra["checks"]`` lists every check. Reaching the cap
+        unconverged warns (:class:`rwmh.ConvergenceWarning`) naming the worst component.
+        Sampling then runs in chunks of ``chunk_size`` draws (default 100), one compiled
+        length (two when the cap is not a multiple of it).
+
     Returns
     -------
     :class:`SampleResult` with ``positions`` (leaves ``(chain, draw, ...)``), ``stats``,
@@ -465,6 +546,11 @@ def sample(
     progress_bar = checks.check_bool(progress_bar, "progress_bar")
     num_chains = checks.check_chain_axis(initial_positions, "initial_positions")
     checks.check_float_positions(initial_positions, "initial_positions", batched=True)
+    if until is not None:
+        if not isinstance(until, convergence.Converged):
+            raise TypeError(f"until must be None or an rwmh.Converged; got {type(until).__name__}.")
+        superchains = convergence.superchain_ids(initial_positions, num_chains, until)
+        until = dataclasses.replace(until, superchains=superchains).to_dict()
     mesh = resolve_devices(devices)
     if checkpoint is not None:
         checkpoint = checkpoint_file.check_path(checkpoint)
@@ -487,6 +573,7 @@ def sample(
         target_acceptance_rate=target_acceptance_rate,
         dense=dense,
         restart_stranded=restart_stranded,
+        until=until,
     )
     run = Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
     if num_warmup == 0:

@@ -1,0 +1,152 @@
+"""``rwmh.sample(until=rwmh.Converged(...))``: stopping when ArviZ says the chains converged.
+
+Every figure the stop rule uses is recomputed here with ArviZ on the returned draws; the draws
+of a run that stops are the first draws of the same run without ``until``; a resumed run stops
+where the uninterrupted one stops.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _scale_helpers import interrupt_on_call
+
+import rwmh
+from rwmh import chains, checkpoint, convergence
+from rwmh.arviz import summary
+
+COV = np.array([[1.0, 0.9], [0.9, 1.0]], np.float32)
+PRECISION = jnp.asarray(np.linalg.inv(COV))
+
+
+def correlated(x):
+    return -0.5 * x @ PRECISION @ x
+
+
+INITIAL = np.asarray(jax.random.normal(jax.random.key(1), (4, 2)))
+RUN = dict(num_samples=5000, num_warmup=500, progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def stopped():
+    return rwmh.sample(jax.random.key(0), correlated, INITIAL, until=rwmh.Converged(), **RUN)
+
+
+def test_stops_converged_by_arviz_on_the_returned_draws(stopped):
+    stop = stopped.extra["stop"]
+    assert stop["reason"] == "converged"
+    assert stopped.num_draws == stop["draw"] < RUN["num_samples"]
+    table = summary(stopped.to_inference_data())
+    assert (table["r_hat"] <= 1.01).all(), table
+    assert (table[["ess_bulk", "ess_tail"]] >= 400).all().all(), table
+    # The very figures the rule used are ArviZ's on these draws.
+    assert stop["max_rhat"] == table["r_hat"].max()
+    assert stop["min_ess_bulk"] == table["ess_bulk"].min()
+    assert stop["min_ess_tail"] == table["ess_tail"].min()
+    # The check before the stop had not converged, and the checks followed the schedule.
+    checks = stopped.extra["checks"]
+    assert [c["converged"] for c in checks] == [False] * (len(checks) - 1) + [True]
+    points = convergence.check_points(100, 1.5, 100, RUN["num_samples"])
+    assert [c["draw"] for c in checks] == points[: len(checks)]
+
+
+def test_draws_are_the_first_draws_of_the_fixed_length_run(stopped):
+    fixed = rwmh.sample(jax.random.key(0), correlated, INITIAL, **RUN)
+    n = stopped.num_draws
+    np.testing.assert_array_equal(stopped.positions, fixed.positions[:, :n])
+    for name in stopped.stats:
+        np.testing.assert_array_equal(stopped.stats[name], fixed.stats[name][:, :n])
+    # last_state is the state at the stop, not after a chunk dispatched beyond it.
+    np.testing.assert_array_equal(stopped.last_state.position, fixed.positions[:, n - 1])
+
+
+def test_cap_unconverged_warns_naming_the_worst_component():
+    with pytest.warns(rwmh.ConvergenceWarning, match=r"worst component, x\[\d\], has R-hat"):
+        result = rwmh.sample(
+            jax.random.key(0), correlated, INITIAL, until=rwmh.Converged(min_ess=10**6), **RUN
+        )
+    stop = result.extra["stop"]
+    assert stop["reason"] == "cap" and stop["draw"] == result.num_draws == RUN["num_samples"]
+    assert stop["min_ess_bulk"] < 10**6
+
+
+def test_one_compiled_sampling_length_with_thin():
+    before = chains.run_sampling._cache_size()
+    result = rwmh.sample(
+        jax.random.key(2),
+        correlated,
+        INITIAL,
+        num_samples=3000,
+        num_warmup=300,
+        thin=3,
+        chunk_size=50,
+        until=rwmh.Converged(min_ess=300),
+        progress_bar=False,
+    )
+    assert result.extra["stop"]["reason"] == "converged"
+    assert result.num_draws % 50 == 0
+    # Every chunk has one length: one program, whatever the run's length.
+    assert chains.run_sampling._cache_size() - before == 1
+
+
+def test_resume_stops_at_the_same_draw(monkeypatch, tmp_path):
+    kwargs = dict(RUN, chunk_size=100, until=rwmh.Converged())
+    reference = rwmh.sample(jax.random.key(0), correlated, INITIAL, **kwargs)
+    path = tmp_path / "run.npz"
+    # Ctrl-C while the third sampling chunk is dispatched: two checks are behind the run.
+    interrupt_on_call(monkeypatch, chains, "run_sampling", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rwmh.sample(jax.random.key(0), correlated, INITIAL, checkpoint=path, **kwargs)
+    monkeypatch.undo()
+    metadata, _ = checkpoint.read(path)
+    assert metadata["phase"] == "sampling" and metadata["next_step"] < reference.num_draws
+    resumed = rwmh.resume(path, correlated, progress_bar=False)
+    assert resumed.extra["stop"]["draw"] == reference.extra["stop"]["draw"]
+    assert [c["draw"] for c in resumed.extra["checks"]] == [
+        c["draw"] for c in reference.extra["checks"]
+    ]
+    np.testing.assert_array_equal(resumed.positions, reference.positions)
+    # The finished file resumes to the same result, without sampling again.
+    again = rwmh.resume(path, correlated, progress_bar=False)
+    assert again.num_draws == reference.num_draws
+    np.testing.assert_array_equal(again.positions, reference.positions)
+
+
+def test_check_points_are_geometric():
+    points = convergence.check_points(100, 1.5, 100, 100_000)
+    assert points[-1] == 100_000
+    assert all(b >= 1.5 * a for a, b in zip(points[:-2], points[1:-1], strict=True))
+    assert len(points) < 20
+
+
+def test_component_names_follow_arviz():
+    names = convergence.component_names({"a": np.zeros((2, 3)), "b": np.zeros(2)})
+    assert names == ["a[0]", "a[1]", "a[2]", "b"]
+    assert convergence.component_names(np.zeros((2, 2))) == ["x[0]", "x[1]"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(min_ess=-1), ValueError),
+        (dict(min_ess="400"), TypeError),
+        (dict(max_rhat=1.0), ValueError),
+        (dict(max_nested_rhat=0.9), ValueError),
+        (dict(first_check=2), ValueError),
+        (dict(check_growth=1.0), ValueError),
+        (dict(superchains=[0.5, 1.5]), ValueError),
+    ],
+)
+def test_bad_converged_is_refused(kwargs, error):
+    with pytest.raises(error, match="Converged"):
+        rwmh.Converged(**kwargs)
+
+
+def test_until_must_be_converged():
+    with pytest.raises(TypeError, match="until"):
+        rwmh.sample(jax.random.key(0), correlated, INITIAL, until=400)
