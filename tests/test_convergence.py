@@ -16,7 +16,7 @@ import pytest
 from _scale_helpers import interrupt_on_call
 
 import rwmh
-from rwmh import chains, checkpoint, convergence
+from rwmh import chains, checkpoint, convergence, warmup_length
 from rwmh.arviz import summary
 
 COV = np.array([[1.0, 0.9], [0.9, 1.0]], np.float32)
@@ -150,3 +150,72 @@ def test_bad_converged_is_refused(kwargs, error):
 def test_until_must_be_converged():
     with pytest.raises(TypeError, match="until"):
         rwmh.sample(jax.random.key(0), correlated, INITIAL, until=400)
+
+
+# --- num_warmup="auto" ------------------------------------------------------------------------
+
+
+def _rotated_gaussian(dimension=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.normal(size=(dimension, dimension)))
+    cov = rotation @ np.diag(np.logspace(-2, 2, dimension)) @ rotation.T
+    precision = jnp.asarray(np.linalg.inv(cov), jnp.float32)
+    return (lambda x: -0.5 * x @ precision @ x), cov
+
+
+ROTATED, ROTATED_COV = _rotated_gaussian()
+ROTATED_INITIAL = np.asarray(jax.random.normal(jax.random.key(5), (8, 6)))
+AUTO = dict(num_samples=400, num_warmup="auto", progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def auto_run():
+    before = chains.run_warmup._cache_size()
+    result = rwmh.sample(jax.random.key(4), ROTATED, ROTATED_INITIAL, **AUTO)
+    return result, chains.run_warmup._cache_size() - before
+
+
+def test_auto_warmup_ends_when_settled_and_compiles_once(auto_run):
+    result, compiled = auto_run
+    report = result.extra["warmup"]
+    assert report["reason"] == "settled"
+    assert result.num_warmup == report["steps"] == result.warmup_info.acceptance_rate.shape[0]
+    assert result.num_warmup < warmup_length.DEFAULT_MAX_STEPS
+    # Windows double, and the last one met every criterion.
+    lengths = [end - start for start, end, *_ in report["windows"]]
+    assert lengths == [25 * 2**i for i in range(len(lengths))]
+    _, _, b, rhat, restarted = report["windows"][-1]
+    assert b <= warmup_length.MAX_SUBOPTIMALITY and rhat <= warmup_length.MAX_WINDOW_RHAT
+    assert restarted == 0
+    assert compiled == 1
+    # The adapted covariance is the target's up to scale: a small Roberts-Rosenthal factor.
+    adapted = np.asarray(result.parameters["proposal_cov"])
+    assert warmup_length.suboptimality(ROTATED_COV, adapted) < 1.5
+
+
+def test_auto_warmup_stops_at_its_cap():
+    result = rwmh.sample(jax.random.key(4), ROTATED, ROTATED_INITIAL, max_warmup=250, **AUTO)
+    assert result.extra["warmup"]["reason"] == "cap"
+    assert result.num_warmup == 250
+
+
+def test_auto_warmup_resumes_to_the_same_run(monkeypatch, tmp_path, auto_run):
+    reference, _ = auto_run
+    path = tmp_path / "auto.npz"
+    interrupt_on_call(monkeypatch, chains, "run_warmup", 15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rwmh.sample(jax.random.key(4), ROTATED, ROTATED_INITIAL, checkpoint=path, **AUTO)
+    monkeypatch.undo()
+    metadata, _ = checkpoint.read(path)
+    assert metadata["phase"] == "warmup" and 0 < metadata["next_step"] < reference.num_warmup
+    resumed = rwmh.resume(path, ROTATED, progress_bar=False)
+    assert resumed.extra["warmup"] == reference.extra["warmup"]
+    np.testing.assert_array_equal(resumed.positions, reference.positions)
+
+
+def test_bad_num_warmup_is_refused():
+    with pytest.raises(ValueError, match="num_warmup"):
+        rwmh.sample(jax.random.key(0), correlated, INITIAL, num_warmup="long")
+    with pytest.raises(ValueError, match="max_warmup"):
+        rwmh.sample(jax.random.key(0), correlated, INITIAL, num_warmup="auto", max_warmup=100)

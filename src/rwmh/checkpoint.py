@@ -265,6 +265,10 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
         # The checks so far and the stop, so that a resumed run reports the whole run.
         metadata["checks"] = run.checks
         metadata["stop"] = run.stop
+    if run.settings.auto_warmup:
+        # Written at window ends only, where the windows so far are the warmup's whole state.
+        metadata["warmup_length"] = run.warmup_length
+        metadata["warmup_report"] = run.warmup_report
     write(path, metadata, arrays)
 
 
@@ -317,6 +321,8 @@ def load(path) -> Run:
     run = Run(settings, rng_key, phase, next_step, states, adapt)
     run.checks = list(metadata.get("checks") or [])
     run.stop = metadata.get("stop")
+    run.warmup_length = metadata.get("warmup_length")
+    run.warmup_report = metadata.get("warmup_report")
     if "parameters/step_size" in optional:
 
         def optional_array(name):
@@ -334,7 +340,7 @@ def load(path) -> Run:
         info = tuning.AdaptationInfo(
             *(array(f"warmup/{name}") for name in tuning.AdaptationInfo._fields)
         )
-        done = settings.num_warmup if phase != "warmup" else next_step
+        done = run.num_warmup if phase != "warmup" else next_step
         if info.acceptance_rate.shape != (done, num_chains):
             raise fail(
                 f"warmup trace has shape {info.acceptance_rate.shape}, expected "

@@ -337,7 +337,14 @@ def check(draws, until: Converged, superchains=None, names=None) -> dict:
     """
     start = time.perf_counter()
     flat = flat_draws(draws)
-    values = _arviz_diagnostics(flat, superchains)
+    if flat.shape[1] < 4:
+        # Split R-hat needs two halves of two draws; ArviZ answers NaN (and logs why).
+        nan = np.full(flat.shape[-1], np.nan)
+        values = {"rhat": nan, "ess_bulk": nan, "ess_tail": nan}
+        if superchains is not None:
+            values["nested_rhat"] = nan
+    else:
+        values = _arviz_diagnostics(flat, superchains)
     badness = _badness(values, until)
     worst = int(np.argmax(badness))
     names = names if names is not None else [f"x[{i}]" for i in range(flat.shape[-1])]

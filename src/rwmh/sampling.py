@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwmh import chains, checks, convergence, progress, stragglers, tuning
+from rwmh import chains, checks, convergence, progress, stragglers, tuning, warmup_length
 from rwmh import checkpoint as checkpoint_file
 from rwmh.devices import Layout, resolve_devices
 from rwmh.kernel import RWMHState, check_step_size, factor_proposal_cov
@@ -116,6 +116,8 @@ def _result(
         }
     parameters = run.parameters if run.parameters is not None else tuning.final(run.adapt)
     extra = {"interrupted": True} if interrupted else {}
+    if run.warmup_report is not None:
+        extra["warmup"] = dict(run.warmup_report)
     if run.settings.until is not None:
         extra["checks"] = list(run.checks)
         if run.stop is not None:
@@ -133,7 +135,7 @@ def _result(
         parameters=parameters,
         last_state=layout.unpadded(run.states),
         warmup_info=warmup_info,
-        num_warmup=run.settings.num_warmup,
+        num_warmup=run.num_warmup,
         thin=run.settings.thin,
         extra=extra,
     )
@@ -175,6 +177,30 @@ def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFligh
         outputs = dispatch(first, length)
         in_flight.hold(record, first, length, *outputs)
     in_flight.finish()
+
+
+def _auto_warmup(run: Run, layout: Layout) -> warmup_length.AutoWarmup:
+    """The planner of ``num_warmup="auto"``, continued from ``run`` (fresh or resumed at a
+    window end)."""
+    auto = warmup_length.AutoWarmup(
+        run.settings.num_warmup, run.settings.restart_stranded, run.warmup_report
+    )
+    if auto.windows:
+        # Resumed at a window end: the covariance adapted there is the one to compare with.
+        auto.previous_cov = layout.to_host(run.adapt.proposal.covariance, chain_axis=None)
+    return auto
+
+
+def _record_auto_warmup(run: Run, layout: Layout, auto) -> bool:
+    """Feed the chunk just recorded to the planner; whether a checkpoint may be written."""
+    host = layout.to_host((run.states.position, run.states.logdensity), chain_axis=0)
+    covariance = None
+    if auto.at_window_end(run.next_step):
+        covariance = layout.to_host(run.adapt.proposal.covariance, chain_axis=None)
+    savable = auto.record(run.next_step, *host, covariance, run.warmup_trace[2])
+    run.warmup_report = auto.report()
+    run.warmup_length = auto.end
+    return savable
 
 
 class _Stopping:
@@ -241,9 +267,16 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
     carry = {"states": run.states, "adapt": run.adapt}
     try:
         if run.phase == "warmup":
-            bar.start("warmup", num_warmup - run.next_step)
             run_warmup = layout.warmup_fn()
-            schedule = tuning.build_schedule(num_warmup, restart_stranded=settings.restart_stranded)
+            auto = _auto_warmup(run, layout) if settings.auto_warmup else None
+            if auto is not None:
+                schedule = auto
+                bar.start("warmup", None)  # its length is for the chains to say
+            else:
+                bar.start("warmup", num_warmup - run.next_step)
+                schedule = tuning.build_schedule(
+                    num_warmup, restart_stranded=settings.restart_stranded
+                )
             keys = layout.chain_keys(warmup_key)
             # Only a padded layout passes a mask: without one the statistics are computed
             # exactly as the unsharded run computes them.
@@ -268,10 +301,15 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
                 run.store_warmup(host_info, first)
                 bar.update(length, host_info[0])
                 run.states, run.adapt, run.next_step = states, adapt, first + length
+                if auto is not None and not _record_auto_warmup(run, layout, auto):
+                    return
                 _save(run, layout, checkpoint_path)
 
-            warmup_chunk = settings.chunk_size or bar.chunk_length(num_warmup)
-            pieces = _chunks(num_warmup, warmup_chunk, run.next_step)
+            if auto is not None:
+                pieces = auto.pieces(run.next_step, in_flight)
+            else:
+                warmup_chunk = settings.chunk_size or bar.chunk_length(num_warmup)
+                pieces = _chunks(num_warmup, warmup_chunk, run.next_step)
             _run_phase(pieces, dispatch_warmup, record_warmup, in_flight)
             run.start_sampling()
 
@@ -419,7 +457,7 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
     layout = Layout(mesh, run.settings.num_chains)
     run.states = layout.chains(run.states)
     run.adapt = layout.replicated(run.adapt)
-    if run.phase == "warmup" and run.next_step >= run.settings.num_warmup:
+    if run.phase == "warmup" and run.next_step >= run.num_warmup:
         run.start_sampling()
     if run.phase == "done":
         return _result(run, layout, stacklevel=3)
@@ -444,6 +482,7 @@ def sample(
     devices=None,
     checkpoint=None,
     until=None,
+    max_warmup: int = warmup_length.DEFAULT_MAX_STEPS,
 ) -> SampleResult:
     """Run several random-walk Metropolis-Hastings chains: pooled warmup, then sampling.
 
@@ -460,7 +499,11 @@ def sample(
     num_warmup
         Number of warmup steps that adapt ``step_size`` and ``proposal_cov`` with statistics
         pooled over all chains (:func:`rwmh.window_adaptation`); 0 samples with the given
-        parameters as they are.
+        parameters as they are. ``"auto"``: slow windows double until the adapted covariance
+        has settled and the chains agree, at most ``max_warmup`` steps (see
+        :mod:`rwmh.warmup_length`); ``result.num_warmup`` and ``result.extra["warmup"]`` say
+        how long it took and why it ended. It runs in chunks of 25 steps, one compiled
+        program whatever its length, and ignores ``chunk_size``.
     thin
         Keep every ``thin``-th state; the chains take ``num_samples * thin`` steps. Thinning
         happens inside the compiled loop: the skipped states never reach memory.
@@ -496,6 +539,8 @@ def sample(
         is replaced. Each write holds all draws so far, so pick ``chunk_size`` to write every
         few minutes rather than every second.
 
+    max_warmup
+        The cap of ``num_warmup="auto"`` (rounded down to a multiple of 25); unused otherwise.
     until
         None, or an :class:`rwmh.Converged`: sample until the chains have converged, with
         ``num_samples`` as the cap. The draws are checked with ArviZ at chunk boundaries on a
@@ -533,7 +578,15 @@ def sample(
     checks.check_key(rng_key)
     checks.check_callable(logdensity_fn)
     num_samples = checks.check_int(num_samples, "num_samples", 1)
-    num_warmup = checks.check_int(num_warmup, "num_warmup", 0)
+    auto_warmup = isinstance(num_warmup, str) and num_warmup == "auto"
+    if auto_warmup:
+        max_warmup = checks.check_int(max_warmup, "max_warmup", warmup_length.MIN_STEPS)
+        # Whole chunks: every window boundary falls on a chunk boundary.
+        num_warmup = max_warmup - max_warmup % warmup_length.CHUNK
+    elif isinstance(num_warmup, str):
+        raise ValueError(f'num_warmup must be an integer >= 0 or "auto"; got {num_warmup!r}.')
+    else:
+        num_warmup = checks.check_int(num_warmup, "num_warmup", 0)
     thin = checks.check_int(thin, "thin", 1)
     if chunk_size is not None:
         chunk_size = checks.check_int(chunk_size, "chunk_size", 1)
@@ -574,6 +627,7 @@ def sample(
         dense=dense,
         restart_stranded=restart_stranded,
         until=until,
+        auto_warmup=auto_warmup,
     )
     run = Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
     if num_warmup == 0:
