@@ -219,3 +219,69 @@ def test_bad_num_warmup_is_refused():
         rwmh.sample(jax.random.key(0), correlated, INITIAL, num_warmup="long")
     with pytest.raises(ValueError, match="max_warmup"):
         rwmh.sample(jax.random.key(0), correlated, INITIAL, num_warmup="auto", max_warmup=100)
+
+
+# --- superchains and nested R-hat ---------------------------------------------------------------
+
+K, M = 16, 16
+STARTS = np.asarray(jax.random.normal(jax.random.key(3), (K, 2)))
+NESTED = rwmh.Converged(max_rhat=None, max_nested_rhat=1.01)
+
+
+def _bimodal(x):
+    return jnp.logaddexp(-0.5 * jnp.sum((x - 10.0) ** 2), -0.5 * jnp.sum((x + 10.0) ** 2))
+
+
+def _standard(x):
+    return -0.5 * jnp.sum(x**2)
+
+
+def test_nested_rhat_does_not_stop_on_two_separated_modes():
+    # Half the superchains start in each mode, 20 sds apart; a random walk of scale 0.8 never
+    # crosses (no warmup, whose pooled covariance would span both modes).
+    signs = np.where(np.arange(K) % 2 == 0, 10.0, -10.0)[:, None]
+    initial = rwmh.superchain_positions(STARTS + signs, M)
+    with pytest.warns(rwmh.ConvergenceWarning, match="nested R-hat"):
+        result = rwmh.sample(
+            jax.random.key(0),
+            _bimodal,
+            initial,
+            num_samples=2000,
+            num_warmup=0,
+            step_size=0.8,
+            until=NESTED,
+            progress_bar=False,
+        )
+    stop = result.extra["stop"]
+    assert stop["reason"] == "cap" and stop["max_nested_rhat"] > 1.5
+
+
+def test_nested_rhat_stops_on_one_mode_and_equals_arviz_stats():
+    from arviz_stats import rhat_nested
+
+    initial = rwmh.superchain_positions(3.0 * STARTS, M)
+    result = rwmh.sample(
+        jax.random.key(0), _standard, initial, num_samples=5000, until=NESTED, progress_bar=False
+    )
+    stop = result.extra["stop"]
+    assert stop["reason"] == "converged" and stop["max_nested_rhat"] <= 1.01
+    ids = list(np.repeat(np.arange(K), M))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ArviZ 0.x: more chains than draws
+        data = result.to_inference_data()
+    assert float(rhat_nested(data, superchain_ids=ids)["x"].max()) == stop["max_nested_rhat"]
+
+
+def test_superchains_are_found_or_refused():
+    initial = rwmh.superchain_positions(STARTS[:2], 3)
+    assert convergence.superchain_ids(initial, 6, NESTED) == (0, 0, 0, 1, 1, 1)
+    explicit = rwmh.Converged(max_nested_rhat=1.01, superchains=[1, 0, 1, 0])
+    assert convergence.superchain_ids(np.zeros((4, 2)), 4, explicit) == (1, 0, 1, 0)
+    with pytest.raises(ValueError, match="superchain_positions"):
+        convergence.superchain_ids(np.arange(8.0).reshape(4, 2), 4, NESTED)
+    with pytest.raises(ValueError, match="equal size"):
+        convergence.superchain_ids(np.array([[0.0], [0.0], [1.0]]), 3, NESTED)
+    with pytest.raises(ValueError, match="entries for 4 chains"):
+        convergence.superchain_ids(
+            np.zeros((4, 2)), 4, rwmh.Converged(max_nested_rhat=1.01, superchains=[0, 1])
+        )
