@@ -56,3 +56,35 @@ def test_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(distributed["step_size"], single.parameters["step_size"], 1e-5)
         np.testing.assert_allclose(distributed["positions"], single.positions, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(distributed["lp"], single.stats["lp"], rtol=1e-5)
+
+
+def test_every_process_stops_at_the_same_draw(tmp_path):
+    """``until=``: the processes decide from the same gathered draws (and process 0's decision
+    is broadcast), so all stop at one draw, the one the single-process run stops at."""
+    out = tmp_path / "until"
+    port = _free_port()
+    processes = [
+        start_worker("distributed_until", out, port, process_id, num_devices=2)
+        for process_id in (0, 1)
+    ]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        errors = [process.communicate()[1] for process in processes]
+    for process_id, (process, stderr) in enumerate(zip(processes, errors, strict=True)):
+        assert process.returncode == 0, f"process {process_id} failed:\n{stderr[-3000:]}"
+    single = scale_worker.until_run()
+    stops = []
+    for process_id in (0, 1):
+        with np.load(f"{out}.{process_id}.npz") as run:
+            stops.append((int(run["draw"]), int(run["num_draws"]), list(run["checks"])))
+            np.testing.assert_allclose(run["positions"], single.positions, rtol=1e-5, atol=1e-5)
+    expected = single.extra["stop"]["draw"]
+    assert single.extra["stop"]["reason"] == "converged"
+    assert stops[0] == stops[1]
+    assert stops[0][:2] == (expected, expected)
