@@ -55,6 +55,8 @@ __all__ = [
 
 #: Draws per chunk of a run with ``until`` when ``chunk_size`` is None.
 DEFAULT_CHUNK = 100
+#: ``num_samples`` (the cap) of a run with ``until`` when it is not given.
+DEFAULT_CAP = 100_000
 
 
 class ConvergenceWarning(RuntimeWarning):

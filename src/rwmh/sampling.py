@@ -37,6 +37,9 @@ from rwmh.run import Run, Settings
 
 __all__ = ["SampleResult", "resume", "sample"]
 
+#: ``num_samples`` without ``until``.
+DEFAULT_NUM_SAMPLES = 1000
+
 
 @dataclass
 class SampleResult:
@@ -468,8 +471,8 @@ def sample(
     rng_key,
     logdensity_fn: Callable,
     initial_positions,
-    num_samples: int = 1000,
-    num_warmup: int = 1000,
+    num_samples: int | None = None,
+    num_warmup: int | str = 1000,
     thin: int = 1,
     step_size=None,
     proposal_cov=None,
@@ -495,7 +498,8 @@ def sample(
     initial_positions
         A PyTree whose leaves carry a leading chain axis: ``(num_chains, ...)``.
     num_samples
-        Number of draws kept per chain (after thinning).
+        Number of draws kept per chain (after thinning); default 1000. With ``until``, the
+        most draws per chain (default 100,000).
     num_warmup
         Number of warmup steps that adapt ``step_size`` and ``proposal_cov`` with statistics
         pooled over all chains (:func:`rwmh.window_adaptation`); 0 samples with the given
@@ -577,6 +581,8 @@ def sample(
     """
     checks.check_key(rng_key)
     checks.check_callable(logdensity_fn)
+    if num_samples is None:
+        num_samples = DEFAULT_NUM_SAMPLES if until is None else convergence.DEFAULT_CAP
     num_samples = checks.check_int(num_samples, "num_samples", 1)
     auto_warmup = isinstance(num_warmup, str) and num_warmup == "auto"
     if auto_warmup:
