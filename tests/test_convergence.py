@@ -285,3 +285,18 @@ def test_superchains_are_found_or_refused():
         convergence.superchain_ids(
             np.zeros((4, 2)), 4, rwmh.Converged(max_nested_rhat=1.01, superchains=[0, 1])
         )
+
+
+def test_progress_bar_shows_the_goal():
+    import io
+
+    from rwmh.progress import ProgressBar
+
+    file = io.StringIO()
+    bar = ProgressBar(file=file)
+    bar.start("sampling", 200)
+    bar.update(100, np.full((100, 4), 0.3), np.zeros((100, 4, 2)))
+    report = {"min_ess_bulk": 312.4, "min_ess_tail": 350.0, "max_rhat": 1.0132}
+    bar.goal(report, rwmh.Converged())
+    bar.close()
+    assert "ess=312/400 rhat=1.013/1.01" in file.getvalue()
