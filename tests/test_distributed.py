@@ -25,12 +25,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    out = tmp_path / "distributed.npz"
+def _run_two_processes(role, out):
+    """Run ``scale_worker.py ROLE OUT PORT ID`` as processes 0 and 1; fail with a process's
+    stderr if it fails."""
     port = _free_port()
-    processes = [
-        start_worker("distributed", out, port, process_id, num_devices=2) for process_id in (0, 1)
-    ]
+    processes = [start_worker(role, out, port, process_id, num_devices=2) for process_id in (0, 1)]
     try:
         deadline = time.monotonic() + TIMEOUT_S
         for process in processes:
@@ -44,6 +43,10 @@ def test_two_processes_match_one_process(tmp_path):
     for process_id, (process, stderr) in enumerate(zip(processes, errors, strict=True)):
         assert process.returncode == 0, f"process {process_id} failed:\n{stderr[-3000:]}"
 
+
+def test_two_processes_match_one_process(tmp_path):
+    out = tmp_path / "distributed.npz"
+    _run_two_processes("distributed", out)
     single = rwmh.sample(
         jax.random.key(7),
         scale_worker.regression_logdensity,
@@ -62,22 +65,7 @@ def test_every_process_stops_at_the_same_draw(tmp_path):
     """``until=``: the processes decide from the same gathered draws (and process 0's decision
     is broadcast), so all stop at one draw, the one the single-process run stops at."""
     out = tmp_path / "until"
-    port = _free_port()
-    processes = [
-        start_worker("distributed_until", out, port, process_id, num_devices=2)
-        for process_id in (0, 1)
-    ]
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        for process in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-        errors = [process.communicate()[1] for process in processes]
-    for process_id, (process, stderr) in enumerate(zip(processes, errors, strict=True)):
-        assert process.returncode == 0, f"process {process_id} failed:\n{stderr[-3000:]}"
+    _run_two_processes("distributed_until", out)
     single = scale_worker.until_run()
     stops = []
     for process_id in (0, 1):
