@@ -96,10 +96,11 @@ def measure(label, logdensity, initial, key, repeats, cap):
 
     # The fixed-length run with the same key: its first draws are the stopped run's.
     fixed = rwmh.sample(key, logdensity, initial, num_samples=stop["draw"], progress_bar=False)
-    np.testing.assert_array_equal(np.asarray(fixed.positions), np.asarray(result.positions))
+    fixed_draws = convergence.flat_draws(fixed.positions)
+    np.testing.assert_array_equal(fixed_draws, convergence.flat_draws(result.positions))
     oracle = None
     for point in range(100, stop["draw"] + 1, 100):
-        if convergence.check(fixed.positions[:, :point], until)["converged"]:
+        if convergence.check(fixed_draws[:, :point], until)["converged"]:
             oracle = point
             break
     print(

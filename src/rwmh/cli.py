@@ -1,10 +1,13 @@
 """The ``rwmh`` command line.
 
-``rwmh regress [CSV] [--x COL --y COL] [--chains N --samples N --warmup N] [--out FILE.nc]
-[--plot FILE.png]`` fits :func:`rwmh.models.linear_regression` with random-walk
-Metropolis-Hastings and prints ArviZ's summary. NumPyro's ``initialize_model`` gives the
-potential on the unconstrained space (``log sigma`` instead of ``sigma``) and the map back, so
-the sampler sees an unbounded target and the output holds ``intercept``, ``slope`` and ``sigma``.
+``rwmh regress [CSV] [--x COL --y COL] [--chains N --samples N --warmup N] [--min-ess N
+--max-rhat R | --fixed] [--out FILE.nc] [--plot FILE.png]`` fits
+:func:`rwmh.models.linear_regression` with random-walk Metropolis-Hastings, sampling until bulk
+and tail ESS reach ``--min-ess`` and R-hat is at most ``--max-rhat`` (``--samples`` is then the
+cap; ``--fixed`` draws exactly ``--samples``), and prints ArviZ's summary. NumPyro's
+``initialize_model`` gives the potential on the unconstrained space (``log sigma`` instead of
+``sigma``) and the map back, so the sampler sees an unbounded target and the output holds
+``intercept``, ``slope`` and ``sigma``.
 
 Bad input (a missing file, a missing or non-numeric column, too few rows, a bad count) ends
 with exit status 2 and one line on stderr naming the file, column or option, never a traceback:
