@@ -65,10 +65,14 @@ def test_draws_are_the_first_draws_of_the_fixed_length_run(stopped):
 
 
 def test_cap_unconverged_warns_naming_the_worst_component():
-    with pytest.warns(rwmh.ConvergenceWarning, match=r"worst component, x\[\d\], has R-hat"):
+    with pytest.warns(
+        rwmh.ConvergenceWarning, match=r"worst component, x\[\d\], has R-hat"
+    ) as record:
         result = rwmh.sample(
             jax.random.key(0), correlated, INITIAL, until=rwmh.Converged(min_ess=10**6), **RUN
         )
+    # The warning points at the user's call.
+    assert record[0].filename == __file__
     stop = result.extra["stop"]
     assert stop["reason"] == "cap" and stop["draw"] == result.num_draws == RUN["num_samples"]
     assert stop["min_ess_bulk"] < 10**6

@@ -377,7 +377,8 @@ def check(draws, until: Converged, superchains=None, names=None) -> dict:
 
 
 def warn_unconverged(stop: dict, until: Converged, stacklevel: int) -> None:
-    """The :class:`ConvergenceWarning` of a run that reached its cap unconverged."""
+    """The :class:`ConvergenceWarning` of a run that reached its cap unconverged;
+    ``stacklevel`` counts from the caller to the user's call."""
     figures = [f"R-hat {stop['worst_rhat']:.4f}"]
     if stop["worst_nested_rhat"] is not None:
         figures.append(f"nested R-hat {stop['worst_nested_rhat']:.4f}")
@@ -394,5 +395,5 @@ def warn_unconverged(stop: dict, until: Converged, stacklevel: int) -> None:
         f"{', '.join(figures)}. Raise num_samples, or look at the chains (a multimodal "
         "target, a bad parametrisation).",
         ConvergenceWarning,
-        stacklevel=stacklevel,
+        stacklevel=stacklevel + 1,  # counted from the caller
     )
