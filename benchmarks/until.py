@@ -5,13 +5,13 @@ on NumPyro's unconstrained space) and a 10-d Gaussian with a dense covariance (c
 100) sampled by 4096 chains. For each:
 
 * the share of wall time spent in the convergence checks (ArviZ's R-hat and bulk/tail ESS on
-  all draws so far, ``sum(result.extra["checks"][i]["seconds"])``), for a call whose programs
-  are compiled already (the same call made once before), and for the first call too;
+  all draws so far, ``sum(result.extra["checks"][i]["seconds"])``) in a call whose programs
+  are compiled already (by a 100-draw fixed-length run of the same shapes, made first);
 * the run length the rule chose (``extra["stop"]["draw"]``) against the shortest fixed length,
-  on a 100-draw grid, at which the same draws (the stopped run's draws are the first draws of
-  the fixed-length run with the same key) first meet the same bounds: the cost of checking on a
-  geometric schedule instead of after every chunk; and the default fixed length (1000 draws)
-  with its worst R-hat and ESS, for contrast.
+  on a 100-draw grid (bisected between the last failed check and the stop), at which the same
+  draws (the stopped run's draws are the first draws of the fixed-length run with the same
+  key) first meet the same bounds: the cost of checking on a geometric schedule instead of
+  after every chunk; and the default fixed length (1000 draws) with its worst R-hat and ESS.
 
 Run ``python benchmarks/until.py`` (``--quick``: the regression alone, 1 repeat).
 """
@@ -70,7 +70,12 @@ def measure(label, logdensity, initial, key, repeats, cap):
             key, logdensity, initial, num_samples=cap, until=until, progress_bar=False
         )
 
-    first, first_wall = timed(run)
+    # A fixed-length run of one 100-draw chunk compiles the very programs the until run uses
+    # (1000 warmup steps in one call, 100-draw sampling chunks), and ArviZ is imported.
+    compiled, compile_wall = timed(
+        lambda: rwmh.sample(key, logdensity, initial, num_samples=100, progress_bar=False)
+    )
+    convergence.check(compiled.positions, until)
     walls, shares, check_times = [], [], []
     for _ in range(repeats):
         result, wall = timed(run)
@@ -78,7 +83,6 @@ def measure(label, logdensity, initial, key, repeats, cap):
         walls.append(wall)
         check_times.append(checks)
         shares.append(checks / wall)
-    first_checks = sum(c["seconds"] for c in first.extra["checks"])
     stop = result.extra["stop"]
     print(
         f"\n{label}: stopped {stop['reason']} at draw {stop['draw']} per chain, "
@@ -89,23 +93,25 @@ def measure(label, logdensity, initial, key, repeats, cap):
         f"{statistics.median(check_times):.3f} s, share {100 * statistics.median(shares):.1f}% "
         f"(median of {repeats})"
     )
-    print(
-        f"  first call:    wall {first_wall:.3f} s, checks {first_checks:.3f} s, share "
-        f"{100 * first_checks / first_wall:.1f}%"
-    )
+    print(f"  (compiling first, in a 100-draw fixed-length run: {compile_wall:.3f} s)")
 
     # The fixed-length run with the same key: its first draws are the stopped run's.
     fixed = rwmh.sample(key, logdensity, initial, num_samples=stop["draw"], progress_bar=False)
     fixed_draws = convergence.flat_draws(fixed.positions)
     np.testing.assert_array_equal(fixed_draws, convergence.flat_draws(result.positions))
-    oracle = None
-    for point in range(100, stop["draw"] + 1, 100):
-        if convergence.check(fixed_draws[:, :point], until)["converged"]:
-            oracle = point
-            break
+    # Between the last check that failed and the stop, bisect on the 100-draw grid for the
+    # first length that meets the bounds (taking the bounds, once met, to stay met there).
+    failed = [c["draw"] for c in result.extra["checks"] if not c["converged"]]
+    low, high = (failed[-1] if failed else 0) // 100, stop["draw"] // 100
+    while high - low > 1:
+        middle = (low + high) // 2
+        if convergence.check(fixed_draws[:, : 100 * middle], until)["converged"]:
+            high = middle
+        else:
+            low = middle
     print(
-        f"  shortest fixed length meeting the bounds (100-draw grid): {oracle}; chosen/shortest "
-        f"= {stop['draw'] / oracle:.2f}"
+        f"  shortest fixed length meeting the bounds (100-draw grid, bisected): {100 * high}; "
+        f"chosen/shortest = {stop['draw'] / (100 * high):.2f}"
     )
     default = rwmh.sample(key, logdensity, initial, num_samples=1000, progress_bar=False)
     report = convergence.check(default.positions, until)
