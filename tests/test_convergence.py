@@ -219,7 +219,7 @@ def test_auto_warmup_resumes_to_the_same_run(monkeypatch, tmp_path, auto_run):
 
 
 def test_bad_num_warmup_is_refused():
-    with pytest.raises(ValueError, match="num_warmup"):
+    with pytest.raises(TypeError, match="num_warmup"):
         rwmh.sample(jax.random.key(0), correlated, INITIAL, num_warmup="long")
     with pytest.raises(ValueError, match="max_warmup"):
         rwmh.sample(jax.random.key(0), correlated, INITIAL, num_warmup="auto", max_warmup=100)

@@ -590,7 +590,7 @@ def sample(
         # Whole chunks: every window boundary falls on a chunk boundary.
         num_warmup = max_warmup - max_warmup % warmup_length.CHUNK
     elif isinstance(num_warmup, str):
-        raise ValueError(f'num_warmup must be an integer >= 0 or "auto"; got {num_warmup!r}.')
+        raise TypeError(f'num_warmup must be an integer >= 0 or "auto"; got {num_warmup!r}.')
     else:
         num_warmup = checks.check_int(num_warmup, "num_warmup", 0)
     thin = checks.check_int(thin, "thin", 1)
