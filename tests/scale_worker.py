@@ -80,7 +80,7 @@ def save_result(path, result, **extra):
     )
 
 
-def distributed(out, port, process_id):
+def _initialize_distributed(port, process_id):
     import jax
 
     jax.config.update("jax_platforms", "cpu")
@@ -93,6 +93,48 @@ def distributed(out, port, process_id):
         process_id=int(process_id),
         initialization_timeout=30,
     )
+
+
+#: A run with ``until``: every process must stop at the same draw.
+UNTIL_RUN = dict(num_samples=3000, num_warmup=300, chunk_size=50, progress_bar=False)
+
+
+def until_run(**kwargs):
+    import jax
+
+    import rwmh
+
+    return rwmh.sample(
+        jax.random.key(7),
+        regression_logdensity,
+        initial_regression(8),
+        until=rwmh.Converged(min_ess=200),
+        **UNTIL_RUN,
+        **kwargs,
+    )
+
+
+def distributed_until(out, port, process_id):
+    """Each process writes its own stop: ``OUT.<process>.npz``."""
+    import jax
+
+    _initialize_distributed(port, process_id)
+    result = until_run(devices="all")
+    stop = result.extra["stop"]
+    np.savez(
+        f"{out}.{process_id}.npz",
+        draw=stop["draw"],
+        num_draws=result.num_draws,
+        checks=[c["draw"] for c in result.extra["checks"]],
+        positions=np.asarray(result.positions),
+    )
+    jax.distributed.shutdown()
+
+
+def distributed(out, port, process_id):
+    import jax
+
+    _initialize_distributed(port, process_id)
     import rwmh
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
@@ -265,6 +307,7 @@ if __name__ == "__main__":
     role, *arguments = sys.argv[1:]
     {
         "distributed": distributed,
+        "distributed_until": distributed_until,
         "single": single,
         "checkpointed": checkpointed,
         "memory": memory,

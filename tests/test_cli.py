@@ -189,6 +189,10 @@ def test_non_utf8_file(tmp_path, capsys):
         ("--samples", "0", "argument --samples: must be an integer >= 4; got 0"),
         ("--samples", "many", "argument --samples: must be an integer >= 4; got 'many'"),
         ("--warmup", "-1", "argument --warmup: must be an integer >= 0; got -1"),
+        ("--min-ess", "-3", "argument --min-ess: must be a number >= 0; got -3"),
+        ("--min-ess", "nan", "argument --min-ess: must be a number >= 0; got nan"),
+        ("--max-rhat", "1", "argument --max-rhat: must be a number > 1; got 1"),
+        ("--max-rhat", "x", "argument --max-rhat: must be a number > 1; got 'x'"),
     ],
 )
 def test_bad_counts_name_the_option(option, value, message, capsys):

@@ -25,12 +25,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    out = tmp_path / "distributed.npz"
+def _run_two_processes(role, out):
+    """Run ``scale_worker.py ROLE OUT PORT ID`` as processes 0 and 1; fail with a process's
+    stderr if it fails."""
     port = _free_port()
-    processes = [
-        start_worker("distributed", out, port, process_id, num_devices=2) for process_id in (0, 1)
-    ]
+    processes = [start_worker(role, out, port, process_id, num_devices=2) for process_id in (0, 1)]
     try:
         deadline = time.monotonic() + TIMEOUT_S
         for process in processes:
@@ -44,6 +43,10 @@ def test_two_processes_match_one_process(tmp_path):
     for process_id, (process, stderr) in enumerate(zip(processes, errors, strict=True)):
         assert process.returncode == 0, f"process {process_id} failed:\n{stderr[-3000:]}"
 
+
+def test_two_processes_match_one_process(tmp_path):
+    out = tmp_path / "distributed.npz"
+    _run_two_processes("distributed", out)
     single = rwmh.sample(
         jax.random.key(7),
         scale_worker.regression_logdensity,
@@ -56,3 +59,20 @@ def test_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(distributed["step_size"], single.parameters["step_size"], 1e-5)
         np.testing.assert_allclose(distributed["positions"], single.positions, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(distributed["lp"], single.stats["lp"], rtol=1e-5)
+
+
+def test_every_process_stops_at_the_same_draw(tmp_path):
+    """``until=``: the processes decide from the same gathered draws (and process 0's decision
+    is broadcast), so all stop at one draw, the one the single-process run stops at."""
+    out = tmp_path / "until"
+    _run_two_processes("distributed_until", out)
+    single = scale_worker.until_run()
+    stops = []
+    for process_id in (0, 1):
+        with np.load(f"{out}.{process_id}.npz") as run:
+            stops.append((int(run["draw"]), int(run["num_draws"]), list(run["checks"])))
+            np.testing.assert_allclose(run["positions"], single.positions, rtol=1e-5, atol=1e-5)
+    expected = single.extra["stop"]["draw"]
+    assert single.extra["stop"]["reason"] == "converged"
+    assert stops[0] == stops[1]
+    assert stops[0][:2] == (expected, expected)

@@ -7,12 +7,15 @@ NumPyro ``MCMCKernel`` and ArviZ output. ``docs/architecture.md`` maps the modul
 
 from rwmh.adaptation import window_adaptation
 from rwmh.arviz import to_inference_data
+from rwmh.convergence import Converged, ConvergenceWarning, superchain_positions
 from rwmh.kernel import RWMHInfo, RWMHState, build_kernel, init, random_walk
 from rwmh.pmmh import EstimatedLogDensity, PseudoMarginalState, estimator_noise, pseudo_marginal
 from rwmh.sampling import SampleResult, resume, sample
 from rwmh.stragglers import RestartWarning
 
 __all__ = [
+    "Converged",
+    "ConvergenceWarning",
     "EstimatedLogDensity",
     "PseudoMarginalState",
     "RWMHInfo",
@@ -26,6 +29,7 @@ __all__ = [
     "random_walk",
     "resume",
     "sample",
+    "superchain_positions",
     "to_inference_data",
     "window_adaptation",
 ]

@@ -264,6 +264,14 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
         "rng_key": key_meta,
         "optional": present,
     }
+    if run.settings.until is not None:
+        # The checks so far and the stop, so that a resumed run reports the whole run.
+        metadata["checks"] = run.checks
+        metadata["stop"] = run.stop
+    if run.settings.auto_warmup:
+        # Written at window ends only, where the windows so far are the warmup's whole state.
+        metadata["warmup_length"] = run.warmup_length
+        metadata["warmup_report"] = run.warmup_report
     write(path, metadata, arrays)
 
 
@@ -316,6 +324,10 @@ def load(path) -> Run:
         rng_key = jnp.asarray(array("rng_key"))
 
     run = Run(settings, rng_key, phase, next_step, states, adapt)
+    run.checks = list(metadata.get("checks") or [])
+    run.stop = metadata.get("stop")
+    run.warmup_length = metadata.get("warmup_length")
+    run.warmup_report = metadata.get("warmup_report")
     if "parameters/step_size" in optional:
 
         def optional_array(name):
@@ -333,7 +345,7 @@ def load(path) -> Run:
         info = tuning.AdaptationInfo(
             *(array(f"warmup/{name}") for name in tuning.AdaptationInfo._fields)
         )
-        done = settings.num_warmup if phase != "warmup" else next_step
+        done = run.num_warmup if phase != "warmup" else next_step
         if info.acceptance_rate.shape != (done, num_chains):
             raise fail(
                 f"warmup trace has shape {info.acceptance_rate.shape}, expected "
@@ -345,7 +357,8 @@ def load(path) -> Run:
         stats = {
             name: array(f"draws/stats/{name}") for name in ("acceptance_rate", "is_accepted", "lp")
         }
-        done = settings.num_samples if phase == "done" else next_step
+        # A run stopped by `until` is done before its cap: next_step counts its draws.
+        done = next_step
         for leaf in jax.tree_util.tree_leaves((draws, stats)):
             if np.shape(leaf)[:2] != (num_chains, done):
                 expected = f"({num_chains}, {done}, ...)"

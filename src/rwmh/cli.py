@@ -1,10 +1,13 @@
 """The ``rwmh`` command line.
 
-``rwmh regress [CSV] [--x COL --y COL] [--chains N --samples N --warmup N] [--out FILE.nc]
-[--plot FILE.png]`` fits :func:`rwmh.models.linear_regression` with random-walk
-Metropolis-Hastings and prints ArviZ's summary. NumPyro's ``initialize_model`` gives the
-potential on the unconstrained space (``log sigma`` instead of ``sigma``) and the map back, so
-the sampler sees an unbounded target and the output holds ``intercept``, ``slope`` and ``sigma``.
+``rwmh regress [CSV] [--x COL --y COL] [--chains N --samples N --warmup N] [--min-ess N
+--max-rhat R | --fixed] [--out FILE.nc] [--plot FILE.png]`` fits
+:func:`rwmh.models.linear_regression` with random-walk Metropolis-Hastings, sampling until bulk
+and tail ESS reach ``--min-ess`` and R-hat is at most ``--max-rhat`` (``--samples`` is then the
+cap; ``--fixed`` draws exactly ``--samples``), and prints ArviZ's summary. NumPyro's
+``initialize_model`` gives the potential on the unconstrained space (``log sigma`` instead of
+``sigma``) and the map back, so the sampler sees an unbounded target and the output holds
+``intercept``, ``slope`` and ``sigma``.
 
 Bad input (a missing file, a missing or non-numeric column, too few rows, a bad count) ends
 with exit status 2 and one line on stderr naming the file, column or option, never a traceback:
@@ -17,6 +20,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 
 __all__ = ["main", "read_xy", "fit_regression", "InputError", "build_parser"]
 
@@ -31,6 +35,12 @@ SIMULATION_SIZE = 100
 FLOAT32_MAX = 3.4028234663852886e38
 #: ``rwmh regress`` warns when a variable's R-hat is above this (Vehtari et al. 2021).
 RHAT_WARNING = 1.01
+#: ``rwmh regress`` samples until bulk and tail ESS reach this (Vehtari et al. 2021: 100 per
+#: chain, for the 4 default chains) and R-hat is at most RHAT_WARNING, at most this many draws.
+MIN_ESS = 400
+MAX_SAMPLES = 100_000
+#: Draws per chain with --fixed.
+FIXED_SAMPLES = 5000
 
 
 PROG = "rwmh"
@@ -60,6 +70,21 @@ def _count(minimum: int):
             ) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
+        return value
+
+    return parse
+
+
+def _bound(minimum: float, what: str, strict: bool = False):
+    """An argparse type: a finite number above ``minimum`` (or at it, unless ``strict``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text}")
         return value
 
     return parse
@@ -182,8 +207,12 @@ def fit_regression(
     num_warmup: int = 1000,
     seed: int = 0,
     progress_bar: bool = True,
+    until=None,
 ):
     """Fit :func:`rwmh.models.linear_regression` to ``(x, y)`` with :func:`rwmh.sample`.
+
+    With ``until`` (an :class:`rwmh.Converged`) ``num_samples`` is the cap and the run stops
+    when the chains have converged; ``idata.attrs["rwmh_stop"]`` then says where and why.
 
     The chains start from NumPyro's ``init_to_uniform`` (uniform on ``(-2, 2)`` in the
     unconstrained space), one draw per chain, so they start apart as R-hat needs.
@@ -239,12 +268,22 @@ def fit_regression(
         num_samples=num_samples,
         num_warmup=num_warmup,
         progress_bar=progress_bar,
+        until=until,
     )
     constrained = jax.vmap(jax.vmap(postprocess_fn))(result.positions)
     constrained = {name: constrained[name] for name in REGRESSION_VARIABLES}
     stats = dict(result.stats)
     stats["step_size"] = result.parameters["step_size"]
-    return rwmh.to_inference_data(constrained, stats)
+    idata = rwmh.to_inference_data(constrained, stats)
+    if "stop" in result.extra:
+        stop = result.extra["stop"]
+        # netCDF attributes hold numbers and strings: the essentials of the stop.
+        idata.attrs["rwmh_stop"] = (
+            f"{stop['reason']} at draw {stop['draw']} per chain, after "
+            f"{len(result.extra['checks'])} checks"
+        )
+        idata.attrs["rwmh_stop_draw"] = stop["draw"]
+    return idata
 
 
 def _summary(idata):
@@ -285,16 +324,37 @@ def _regress(args) -> int:
         x, y = read_xy(args.csv, args.x, args.y)
         source = f"{args.csv}: {len(x)} rows, x={args.x!r}, y={args.y!r}"
     print(f"rwmh regress: {source}")
-    print(f"RWMH: {args.chains} chains, {args.warmup} warmup steps, {args.samples} draws per chain")
-    idata = fit_regression(
-        x,
-        y,
-        num_chains=args.chains,
-        num_samples=args.samples,
-        num_warmup=args.warmup,
-        seed=args.seed,
-        progress_bar=not args.no_progress,
-    )
+    until = None
+    if args.fixed:
+        samples = FIXED_SAMPLES if args.samples is None else args.samples
+        length = f"{samples} draws per chain"
+    else:
+        import rwmh
+
+        samples = MAX_SAMPLES if args.samples is None else args.samples
+        until = rwmh.Converged(min_ess=args.min_ess, max_rhat=args.max_rhat)
+        length = (
+            f"until bulk and tail ESS >= {args.min_ess:g} and R-hat <= {args.max_rhat:g} (at "
+            f"most {samples} draws per chain)"
+        )
+    print(f"RWMH: {args.chains} chains, {args.warmup} warmup steps, {length}")
+    from rwmh.convergence import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        # Reaching the cap unconverged is reported below, in this tool's own words.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        idata = fit_regression(
+            x,
+            y,
+            num_chains=args.chains,
+            num_samples=samples,
+            num_warmup=args.warmup,
+            seed=args.seed,
+            progress_bar=not args.no_progress,
+            until=until,
+        )
+    if until is not None:
+        print(f"sampling stopped: {idata.attrs['rwmh_stop']}")
     acceptance = float(idata.sample_stats["acceptance_rate"].mean())
     print(f"mean acceptance rate: {acceptance:.3f}")
     summary = _summary(idata)
@@ -348,7 +408,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--chains", type=_count(2), default=4, metavar="N", help="at least 2, for R-hat (4)"
     )
     regress.add_argument(
-        "--samples", type=_count(4), default=5000, metavar="N", help="draws per chain (5000)"
+        "--samples",
+        type=_count(4),
+        default=None,
+        metavar="N",
+        help=f"most draws per chain ({MAX_SAMPLES}); with --fixed, the draws per chain "
+        f"({FIXED_SAMPLES})",
+    )
+    regress.add_argument(
+        "--min-ess",
+        type=_bound(0.0, "a number >= 0"),
+        default=MIN_ESS,
+        metavar="N",
+        help=f"sample until bulk and tail ESS reach N for every variable ({MIN_ESS})",
+    )
+    regress.add_argument(
+        "--max-rhat",
+        type=_bound(1.0, "a number > 1", strict=True),
+        default=RHAT_WARNING,
+        metavar="R",
+        help=f"... and R-hat is at most R ({RHAT_WARNING})",
+    )
+    regress.add_argument(
+        "--fixed",
+        action="store_true",
+        help="draw exactly --samples draws per chain, without convergence checks",
     )
     regress.add_argument(
         "--warmup", type=_count(0), default=1000, metavar="N", help="warmup steps (1000)"

@@ -69,6 +69,9 @@ class NullProgress:
     def update(self, num_steps: int, acceptance_rate, draws=None) -> None:
         pass
 
+    def goal(self, report: dict, until) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -194,6 +197,7 @@ class ProgressBar:
         self._acceptance_count = 0
         self._rhat = _RhatDraws()
         self._with_rhat = False
+        self._goal = None
         self._shown_rhat = math.nan
         self._rhat_time = -math.inf
         self._steps_not_shown = 0
@@ -253,11 +257,26 @@ class ProgressBar:
         if time.monotonic() - self._last_redraw >= MIN_REDRAW_INTERVAL:
             self._redraw()
 
+    def goal(self, report: dict, until) -> None:
+        """Show how far the last check of ``rwmh.sample(until=...)`` is from its goal: the
+        worst ESS against ``min_ess`` and the worst R-hat (ArviZ's, on all draws so far)."""
+        ess = min(report["min_ess_bulk"], report["min_ess_tail"])
+        goal = f"ess={ess:.0f}/{until.min_ess:g}"
+        if until.max_rhat is not None:
+            goal += f" rhat={report['max_rhat']:.3f}/{until.max_rhat:g}"
+        if until.max_nested_rhat is not None:
+            goal += f" nrhat={report['max_nested_rhat']:.3f}/{until.max_nested_rhat:g}"
+        self._goal = goal
+        self._redraw()
+
     def _redraw(self, final: bool = False) -> None:
         if self._bar is None:
             return
         postfix = f"acc={self.mean_acceptance_rate:.3f}"
-        if self._with_rhat:
+        if self._goal is not None:
+            # ArviZ's figures at the last check replace the live split R-hat.
+            postfix += f" {self._goal}"
+        elif self._with_rhat:
             now = time.monotonic()
             stale = now - self._rhat_time >= RHAT_INTERVAL or not math.isfinite(self._shown_rhat)
             if final or stale:

@@ -36,6 +36,10 @@ class Settings:
     target_acceptance_rate: float | None
     dense: bool
     restart_stranded: bool = True
+    #: ``rwmh.Converged(...).to_dict()`` (superchains resolved) for ``until=``, else None.
+    until: dict | None = None
+    #: ``num_warmup="auto"``: warmup decides its own length, ``num_warmup`` is then the cap.
+    auto_warmup: bool = False
 
     def to_dict(self) -> dict:
         """The settings as JSON-ready values (the checkpoint's ``settings`` entry)."""
@@ -56,6 +60,8 @@ class Settings:
             target_acceptance_rate=None if target is None else float(target),
             dense=bool(values["dense"]),
             restart_stranded=bool(values["restart_stranded"]),
+            until=values.get("until"),
+            auto_warmup=bool(values.get("auto_warmup", False)),
         )
 
 
@@ -86,10 +92,21 @@ class Run:
     proposal: FactoredCov | None = None
     warmup_trace: Any = None
     draws: Any = None
+    #: With ``until``: the report of every check so far, and of the one that stopped the run.
+    checks: list = dataclasses.field(default_factory=list)
+    stop: dict | None = None
+    #: With ``num_warmup="auto"``: the warmup's length once decided, and its report.
+    warmup_length: int | None = None
+    warmup_report: dict | None = None
+
+    @property
+    def num_warmup(self) -> int:
+        """The length of the warmup (its cap while an automatic warmup is undecided)."""
+        return self.settings.num_warmup if self.warmup_length is None else self.warmup_length
 
     def start_sampling(self) -> None:
         """Fix the parameters at the end of warmup (without warmup they were given)."""
-        if self.settings.num_warmup > 0:
+        if self.num_warmup > 0:
             self.parameters = tuning.final(self.adapt)
             # The adaptation keeps the factor of its covariance up to date: nothing is
             # factored (or compiled) again here.
@@ -98,29 +115,50 @@ class Run:
 
     def store_warmup(self, info, first: int) -> None:
         """Copy a chunk of the warmup trace, ``(steps, ...)``, to rows ``first, ...``."""
-        if self.warmup_trace is None:
-            total = self.settings.num_warmup
+        total = self.settings.num_warmup
+        needed = first + jax.tree_util.tree_leaves(info)[0].shape[0]
+        capacity = 0 if self.warmup_trace is None else self.warmup_trace[0].shape[0]
+        if self.settings.auto_warmup:
+            # An automatic warmup rarely reaches its cap: the trace grows with it.
+            total = min(total, max(needed, 2 * capacity))
+        if self.warmup_trace is None or capacity < needed:
+            old = self.warmup_trace
             self.warmup_trace = jax.tree_util.tree_map(
                 lambda x: np.empty((total, *x.shape[1:]), x.dtype), info
             )
+            if old is not None:
+                for buffer, kept in _leaf_pairs(self.warmup_trace, old):
+                    buffer[:first] = kept[:first]
         for buffer, part in _leaf_pairs(self.warmup_trace, info):
             buffer[first : first + part.shape[0]] = part
 
     def store_draws(self, draws, first: int) -> None:
         """Copy a chunk of draws, ``(draw, chain, ...)``, to draws ``first, ...`` of every chain."""
-        if self.draws is None:
-            total = self.settings.num_samples
+        total = self.settings.num_samples
+        needed = first + jax.tree_util.tree_leaves(draws)[0].shape[0]
+        if self.settings.until is not None:
+            # A run that stops when it converges rarely reaches its cap: the buffers grow (by
+            # doubling) with the draws instead of holding the cap from the start.
+            total = min(total, max(needed, 2 * self._capacity()))
+        if self.draws is None or self._capacity() < needed:
+            old = self.draws
             self.draws = jax.tree_util.tree_map(
                 lambda x: np.empty((x.shape[1], total, *x.shape[2:]), x.dtype), draws
             )
+            if old is not None:
+                for buffer, kept in _leaf_pairs(self.draws, old):
+                    buffer[:, :first] = kept[:, :first]
         for buffer, part in _leaf_pairs(self.draws, draws):
             buffer[:, first : first + part.shape[0]] = np.swapaxes(part, 0, 1)
+
+    def _capacity(self) -> int:
+        return 0 if self.draws is None else jax.tree_util.tree_leaves(self.draws)[0].shape[1]
 
     def completed(self):
         """``(warmup_info, (positions, stats))`` of the steps completed so far (views), or None
         for a part not started."""
-        num_warmup = self.next_step if self.phase == "warmup" else self.settings.num_warmup
-        num_draws = {"warmup": 0, "sampling": self.next_step, "done": None}[self.phase]
+        num_warmup = self.next_step if self.phase == "warmup" else self.num_warmup
+        num_draws = 0 if self.phase == "warmup" else self.next_step
         warmup = draws = None
         if self.warmup_trace is not None:
             warmup = tuning.AdaptationInfo(*(x[:num_warmup] for x in self.warmup_trace))

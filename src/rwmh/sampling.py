@@ -18,6 +18,7 @@ not compile again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -28,13 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwmh import chains, checks, progress, stragglers, tuning
+from rwmh import chains, checks, convergence, progress, stragglers, tuning, warmup_length
 from rwmh import checkpoint as checkpoint_file
 from rwmh.devices import Layout, resolve_devices
 from rwmh.kernel import RWMHState, check_step_size, factor_proposal_cov
 from rwmh.run import Run, Settings
 
 __all__ = ["SampleResult", "resume", "sample"]
+
+#: ``num_samples`` without ``until``.
+DEFAULT_NUM_SAMPLES = 1000
 
 
 @dataclass
@@ -115,6 +119,15 @@ def _result(
         }
     parameters = run.parameters if run.parameters is not None else tuning.final(run.adapt)
     extra = {"interrupted": True} if interrupted else {}
+    if run.warmup_report is not None:
+        extra["warmup"] = dict(run.warmup_report)
+    if run.settings.until is not None:
+        extra["checks"] = list(run.checks)
+        if run.stop is not None:
+            extra["stop"] = dict(run.stop)
+            if run.stop["reason"] != "converged":
+                until = convergence.Converged.from_dict(run.settings.until)
+                convergence.warn_unconverged(run.stop, until, stacklevel)
     if warmup_info is not None:
         extra["restarted_chains"] = stragglers.restarts_by_step(warmup_info.num_restarted)
         # Announced with every result that holds them, interrupted and resumed runs included.
@@ -125,7 +138,7 @@ def _result(
         parameters=parameters,
         last_state=layout.unpadded(run.states),
         warmup_info=warmup_info,
-        num_warmup=run.settings.num_warmup,
+        num_warmup=run.num_warmup,
         thin=run.settings.thin,
         extra=extra,
     )
@@ -169,6 +182,78 @@ def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFligh
     in_flight.finish()
 
 
+def _auto_warmup(run: Run, layout: Layout) -> warmup_length.AutoWarmup:
+    """The planner of ``num_warmup="auto"``, continued from ``run`` (fresh or resumed at a
+    window end)."""
+    auto = warmup_length.AutoWarmup(
+        run.settings.num_warmup, run.settings.restart_stranded, run.warmup_report
+    )
+    if auto.windows:
+        # Resumed at a window end: the covariance adapted there is the one to compare with.
+        auto.previous_cov = layout.to_host(run.adapt.proposal.covariance, chain_axis=None)
+    return auto
+
+
+def _record_auto_warmup(run: Run, layout: Layout, auto) -> bool:
+    """Feed the chunk just recorded to the planner; whether a checkpoint may be written."""
+    host = layout.to_host((run.states.position, run.states.logdensity), chain_axis=0)
+    covariance = None
+    if auto.at_window_end(run.next_step):
+        covariance = layout.to_host(run.adapt.proposal.covariance, chain_axis=None)
+    savable = auto.record(run.next_step, *host, covariance, run.warmup_trace[2])
+    run.warmup_report = auto.report()
+    run.warmup_length = auto.end
+    return savable
+
+
+class _Stopping:
+    """The checks of a run with ``until``: where they fall and what they decide."""
+
+    def __init__(self, settings: Settings, bar):
+        self.until = convergence.Converged.from_dict(settings.until)
+        self.superchains = self.until.superchains if self.until.max_nested_rhat else None
+        self.chunk = settings.chunk_size or min(convergence.DEFAULT_CHUNK, settings.num_samples)
+        self.points = set(
+            convergence.check_points(
+                self.until.first_check, self.until.check_growth, self.chunk, settings.num_samples
+            )
+        )
+        self.bar = bar
+        self.names = None
+
+    def until_done(self, pieces, run: Run):
+        """The chunks of ``pieces`` until a check stops the run."""
+        for piece in pieces:
+            if run.phase == "done":
+                return
+            yield piece
+
+    def after_chunk(self, run: Run) -> None:
+        """Check the draws so far if the schedule says so; stop the run if they converged."""
+        if run.next_step not in self.points:
+            return
+        draws, _ = jax.tree_util.tree_map(lambda x: x[:, : run.next_step], run.draws)
+        if self.names is None:
+            self.names = convergence.component_names(
+                jax.tree_util.tree_map(lambda x: x[:, 0], draws)
+            )
+        report = convergence.check(draws, self.until, self.superchains, self.names)
+        if jax.process_count() > 1:
+            # Every process holds the same gathered draws; process 0's decision is everyone's,
+            # so that no rounding difference can split the processes.
+            from jax.experimental import multihost_utils
+
+            decided = multihost_utils.broadcast_one_to_all(np.asarray(report["converged"]))
+            report["converged"] = bool(decided)
+        run.checks.append(report)
+        self.bar.goal(report, self.until)
+        if report["converged"]:
+            run.stop = {"reason": "converged", **report}
+            run.phase = "done"
+        elif run.next_step == run.settings.num_samples:
+            run.stop = {"reason": "cap", **report}
+
+
 def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, show):
     """Run ``run`` from where it stands to the end, chunk by chunk.
 
@@ -185,9 +270,16 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
     carry = {"states": run.states, "adapt": run.adapt}
     try:
         if run.phase == "warmup":
-            bar.start("warmup", num_warmup - run.next_step)
             run_warmup = layout.warmup_fn()
-            schedule = tuning.build_schedule(num_warmup, restart_stranded=settings.restart_stranded)
+            auto = _auto_warmup(run, layout) if settings.auto_warmup else None
+            if auto is not None:
+                schedule = auto
+                bar.start("warmup", None)  # its length is for the chains to say
+            else:
+                bar.start("warmup", num_warmup - run.next_step)
+                schedule = tuning.build_schedule(
+                    num_warmup, restart_stranded=settings.restart_stranded
+                )
             keys = layout.chain_keys(warmup_key)
             # Only a padded layout passes a mask: without one the statistics are computed
             # exactly as the unsharded run computes them.
@@ -212,10 +304,15 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
                 run.store_warmup(host_info, first)
                 bar.update(length, host_info[0])
                 run.states, run.adapt, run.next_step = states, adapt, first + length
+                if auto is not None and not _record_auto_warmup(run, layout, auto):
+                    return
                 _save(run, layout, checkpoint_path)
 
-            warmup_chunk = settings.chunk_size or bar.chunk_length(num_warmup)
-            pieces = _chunks(num_warmup, warmup_chunk, run.next_step)
+            if auto is not None:
+                pieces = auto.pieces(run.next_step, in_flight)
+            else:
+                warmup_chunk = settings.chunk_size or bar.chunk_length(num_warmup)
+                pieces = _chunks(num_warmup, warmup_chunk, run.next_step)
             _run_phase(pieces, dispatch_warmup, record_warmup, in_flight)
             run.start_sampling()
 
@@ -237,18 +334,29 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
             )
             return carry["states"], draws
 
+        stopping = _Stopping(settings, bar) if settings.until is not None else None
+
         def record_draws(first, num_draws, states, draws):
+            if run.phase == "done":
+                return  # dispatched before the check that stopped the run: not part of it
             host_draws = layout.to_host(draws, chain_axis=1)
             run.store_draws(host_draws, first)
             bar.update(num_draws * thin, host_draws[1]["acceptance_rate"], host_draws[0])
             run.states, run.next_step = states, first + num_draws
+            if stopping is not None:
+                stopping.after_chunk(run)
             if run.next_step == num_samples:
                 run.phase = "done"
             _save(run, layout, checkpoint_path)
 
         carry["states"] = run.states
-        sampling_chunk = settings.chunk_size or bar.chunk_length(num_samples)
+        if stopping is not None:
+            sampling_chunk = stopping.chunk
+        else:
+            sampling_chunk = settings.chunk_size or bar.chunk_length(num_samples)
         pieces = _chunks(num_samples, sampling_chunk, run.next_step)
+        if stopping is not None:
+            pieces = stopping.until_done(pieces, run)
         _run_phase(pieces, dispatch_draws, record_draws, in_flight)
         run.phase = "done"
         bar.close()
@@ -355,7 +463,7 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
     layout = Layout(mesh, run.settings.num_chains)
     run.states = layout.chains(run.states)
     run.adapt = layout.replicated(run.adapt)
-    if run.phase == "warmup" and run.next_step >= run.settings.num_warmup:
+    if run.phase == "warmup" and run.next_step >= run.num_warmup:
         run.start_sampling()
     if run.phase == "done":
         return _result(run, layout, stacklevel=3)
@@ -366,8 +474,8 @@ def sample(
     rng_key,
     logdensity_fn: Callable,
     initial_positions,
-    num_samples: int = 1000,
-    num_warmup: int = 1000,
+    num_samples: int | None = None,
+    num_warmup: int | str = 1000,
     thin: int = 1,
     step_size=None,
     proposal_cov=None,
@@ -379,6 +487,8 @@ def sample(
     chunk_size: int | None = None,
     devices=None,
     checkpoint=None,
+    until=None,
+    max_warmup: int = warmup_length.DEFAULT_MAX_STEPS,
 ) -> SampleResult:
     """Run several random-walk Metropolis-Hastings chains: pooled warmup, then sampling.
 
@@ -394,11 +504,16 @@ def sample(
     initial_positions
         A PyTree whose leaves carry a leading chain axis: ``(num_chains, ...)``.
     num_samples
-        Number of draws kept per chain (after thinning).
+        Number of draws kept per chain (after thinning); default 1000. With ``until``, the
+        most draws per chain (default 100,000).
     num_warmup
         Number of warmup steps that adapt ``step_size`` and ``proposal_cov`` with statistics
         pooled over all chains (:func:`rwmh.window_adaptation`); 0 samples with the given
-        parameters as they are.
+        parameters as they are. ``"auto"``: slow windows double until the adapted covariance
+        has settled and the chains agree, at most ``max_warmup`` steps (see
+        :mod:`rwmh.warmup_length`); ``result.num_warmup`` and ``result.extra["warmup"]`` say
+        how long it took and why it ended. It runs in chunks of 25 steps, one compiled
+        program whatever its length, and ignores ``chunk_size``.
     thin
         Keep every ``thin``-th state; the chains take ``num_samples * thin`` steps. Thinning
         happens inside the compiled loop: the skipped states never reach memory.
@@ -434,6 +549,21 @@ def sample(
         is replaced. Each write holds all draws so far, so pick ``chunk_size`` to write every
         few minutes rather than every second.
 
+    max_warmup
+        The cap of ``num_warmup="auto"`` (rounded down to a multiple of 25); unused otherwise.
+    until
+        None, or an :class:`rwmh.Converged`: sample until the chains have converged, with
+        ``num_samples`` as the cap. The draws are checked with ArviZ at chunk boundaries on a
+        geometric schedule (see :mod:`rwmh.convergence`); the run stops at the first check
+        where every scalar component has rank-normalised split R-hat <= ``max_rhat`` and bulk
+        and tail ESS >= ``min_ess``, as ArviZ computes them on all draws so far. The result
+        holds exactly the draws up to that check; ``result.extra["stop"]`` says why it stopped
+        (``"reason"``: ``"converged"`` or ``"cap"``), at which draw (``"draw"``) and with
+        which figures, and ``result.extra["checks"]`` lists every check. Reaching the cap
+        unconverged warns (:class:`rwmh.ConvergenceWarning`) naming the worst component.
+        Sampling then runs in chunks of ``chunk_size`` draws (default 100), one compiled
+        length (two when the cap is not a multiple of it).
+
     Returns
     -------
     :class:`SampleResult` with ``positions`` (leaves ``(chain, draw, ...)``), ``stats``,
@@ -457,8 +587,18 @@ def sample(
     """
     checks.check_key(rng_key)
     checks.check_callable(logdensity_fn)
+    if num_samples is None:
+        num_samples = DEFAULT_NUM_SAMPLES if until is None else convergence.DEFAULT_CAP
     num_samples = checks.check_int(num_samples, "num_samples", 1)
-    num_warmup = checks.check_int(num_warmup, "num_warmup", 0)
+    auto_warmup = isinstance(num_warmup, str) and num_warmup == "auto"
+    if auto_warmup:
+        max_warmup = checks.check_int(max_warmup, "max_warmup", warmup_length.MIN_STEPS)
+        # Whole chunks: every window boundary falls on a chunk boundary.
+        num_warmup = max_warmup - max_warmup % warmup_length.CHUNK
+    elif isinstance(num_warmup, str):
+        raise TypeError(f'num_warmup must be an integer >= 0 or "auto"; got {num_warmup!r}.')
+    else:
+        num_warmup = checks.check_int(num_warmup, "num_warmup", 0)
     thin = checks.check_int(thin, "thin", 1)
     if chunk_size is not None:
         chunk_size = checks.check_int(chunk_size, "chunk_size", 1)
@@ -471,6 +611,11 @@ def sample(
     progress_bar = checks.check_bool(progress_bar, "progress_bar")
     num_chains = checks.check_chain_axis(initial_positions, "initial_positions")
     checks.check_float_positions(initial_positions, "initial_positions", batched=True)
+    if until is not None:
+        if not isinstance(until, convergence.Converged):
+            raise TypeError(f"until must be None or an rwmh.Converged; got {type(until).__name__}.")
+        superchains = convergence.superchain_ids(initial_positions, num_chains, until)
+        until = dataclasses.replace(until, superchains=superchains).to_dict()
     mesh = resolve_devices(devices)
     if checkpoint is not None:
         checkpoint = checkpoint_file.check_path(checkpoint)
@@ -500,6 +645,8 @@ def sample(
         target_acceptance_rate=target_acceptance_rate,
         dense=dense,
         restart_stranded=restart_stranded,
+        until=until,
+        auto_warmup=auto_warmup,
     )
     run = Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
     if num_warmup == 0:
