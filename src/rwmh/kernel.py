@@ -370,7 +370,13 @@ def build_kernel() -> Callable:
         proposal_logdensity = proposal_logdensity.astype(jnp.result_type(state.logdensity))
 
         log_ratio = proposal_logdensity - state.logdensity
-        admissible = jnp.isfinite(proposal_logdensity) & ~jnp.isnan(log_ratio)
+        # A step that overflowed (a position at +-inf or NaN) is never a draw, whatever the
+        # log density says there: a flat or saturating target is finite at infinity.
+        admissible = (
+            jnp.isfinite(proposal_logdensity)
+            & ~jnp.isnan(log_ratio)
+            & jnp.all(jnp.isfinite(flat_proposal))
+        )
         is_accepted = admissible & (log_uniform < log_ratio)
         acceptance_rate = jnp.where(
             admissible, jnp.exp(jnp.minimum(log_ratio, 0.0)), jnp.zeros_like(log_ratio)
