@@ -19,6 +19,8 @@ not compile again.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,21 +144,57 @@ def _save(run: Run, layout: Layout, path) -> None:
 
 
 class _InFlight:
-    """The chunk dispatched to the device but not yet recorded: at most one."""
+    """The chunks dispatched to the device but not yet recorded, oldest first.
+
+    A chunk leaves the queue only once its record step has run to the end. Ctrl-C raises
+    ``KeyboardInterrupt`` at whatever line runs when it arrives, most often inside a record
+    step, which blocks on the device; the chunk it was recording stays queued, and so does
+    the one dispatched after it, and :meth:`finish` records both again from the start (a record
+    step only copies and overwrites, so running it twice is harmless).
+    """
 
     def __init__(self):
-        self._pending = None
+        self._queue = []
+        #: Ctrl-C presses seen by :meth:`defer_ctrl_c`'s handler.
+        self.interrupts = 0
+        self._previous_handler = None
+
+    def defer_ctrl_c(self) -> None:
+        """Turn the first Ctrl-C into a stop at the next chunk boundary (:func:`_run_phase`
+        raises ``KeyboardInterrupt`` there, once every chunk dispatched is recorded); the
+        second raises at once. Only from the main thread and over Python's own handler:
+        elsewhere Ctrl-C raises where it lands, and the queue keeps what it interrupted."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+
+        def handler(signum, frame):
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+
+        self._previous_handler = signal.signal(signal.SIGINT, handler)
+
+    def restore_ctrl_c(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
 
     def hold(self, record: Callable, *arguments) -> None:
-        """Record the chunk held so far, then hold this one."""
-        self.finish()
-        self._pending = (record, arguments)
+        """Queue this chunk, then record every chunk queued before it."""
+        self._queue.append((record, arguments))
+        self._record(keep=1)
 
     def finish(self) -> None:
-        """Record the chunk held, if any, once the device finishes it."""
-        if self._pending is not None:
-            (record, arguments), self._pending = self._pending, None
+        """Record every chunk queued, each once the device finishes it."""
+        self._record(keep=0)
+
+    def _record(self, keep: int) -> None:
+        while len(self._queue) > keep:
+            record, arguments = self._queue[0]
             record(*arguments)
+            self._queue.pop(0)
 
 
 def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFlight) -> None:
@@ -164,9 +202,12 @@ def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFligh
     one runs, so the device never waits for the host; ``run`` only ever holds recorded
     chunks, whatever interrupts the loop."""
     for first, length in pieces:
-        outputs = dispatch(first, length)
-        in_flight.hold(record, first, length, *outputs)
+        in_flight.hold(record, first, length, *dispatch(first, length))
+        if in_flight.interrupts:
+            break
     in_flight.finish()
+    if in_flight.interrupts:
+        raise KeyboardInterrupt
 
 
 def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, show):
@@ -183,6 +224,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
     in_flight = _InFlight()
     # The device side of the run: the latest dispatched states (and adaptation state).
     carry = {"states": run.states, "adapt": run.adapt}
+    in_flight.defer_ctrl_c()
     try:
         if run.phase == "warmup":
             bar.start("warmup", num_warmup - run.next_step)
@@ -254,10 +296,13 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
         bar.close()
     except KeyboardInterrupt:
         try:
-            # Dispatched before the stop, the chunk in flight belongs to the completed draws.
-            in_flight.finish()
+            # Dispatched before the stop, the chunks in flight belong to the completed draws,
+            # the one being recorded when Ctrl-C arrived included; a second Ctrl-C (the first
+            # deferred, or this one raised) stops now, without them.
+            if in_flight.interrupts < 2:
+                in_flight.finish()
         except KeyboardInterrupt:
-            pass  # a second Ctrl-C: stop now, without the chunk in flight
+            pass
 
         bar.close()
         warnings.warn(
@@ -283,6 +328,8 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
             f"{run.next_step}) are in this exception's partial_result attribute."
         )
         raise
+    finally:
+        in_flight.restore_ctrl_c()
     return _result(run, layout)
 
 
@@ -433,12 +480,14 @@ def sample(
     :class:`SampleResult` with ``positions`` (leaves ``(chain, draw, ...)``), ``stats``,
     ``parameters``, ``last_state`` and ``to_inference_data()``.
 
-    Interrupting (Ctrl-C, ``KeyboardInterrupt``) returns the draws of the chunks completed so
-    far, with a ``RuntimeWarning`` and ``result.extra["interrupted"] = True``, as PyMC does.
-    The driver keeps one chunk running on the device while it copies the previous one; after
-    Ctrl-C it waits for that chunk and keeps it (a second Ctrl-C stops at once without it). A
-    chunk being copied when Ctrl-C arrives is lost. Any other exception carries that partial
-    result as its ``partial_result`` attribute.
+    Interrupting (Ctrl-C, ``KeyboardInterrupt``) returns every draw computed before it, with a
+    ``RuntimeWarning`` and ``result.extra["interrupted"] = True``, as PyMC does. A compiled
+    chunk cannot be stopped halfway, so Ctrl-C takes effect when the chunks already dispatched
+    to the device (the one running and at most one queued after it) have finished; their draws
+    are returned with everything before them. With ``chunk_size=None`` and no progress bar a
+    phase is one chunk: Ctrl-C during sampling then returns all draws once that chunk ends. A
+    second Ctrl-C stops at once, without the unfinished chunks. Any other exception carries the
+    partial result as its ``partial_result`` attribute.
 
     Examples
     --------
