@@ -317,6 +317,4 @@ def test_a_checkpoint_path_naming_no_file_is_refused_before_the_run(path):
         raise AssertionError("the run started")
 
     with pytest.raises(ValueError, match="checkpoint must name a file"):
-        rwmh.sample(
-            jax.random.key(0), never_called, jnp.zeros((4, 2)), checkpoint=path, **RUN
-        )
+        rwmh.sample(jax.random.key(0), never_called, jnp.zeros((4, 2)), checkpoint=path, **RUN)

@@ -16,12 +16,25 @@ So the draws depend neither on how a run is cut into chunks nor on how its chain
 out over devices, and a run resumed from a checkpoint continues with the very same keys.
 
 The scans (:func:`warmup_loop`, :func:`sampling_loop`) are pure and meant to run under
-``jit``; :func:`run_warmup` and :func:`run_sampling` are their compiled forms, cached per log
-density and array shapes. :mod:`rwmh.devices` compiles the same functions for sharded chains.
+``jit``; :func:`run_warmup` and :func:`run_sampling` are their compiled forms.
+:mod:`rwmh.devices` compiles the same functions for sharded chains.
+
+Compiled programs
+-----------------
+A log density is called as ``logdensity_fn(position, *logdensity_args)``. The arguments are
+traced, so one compiled program serves every data set of the same shapes; what the function
+captures (globals, closure cells, attributes) is read once, when the program is traced, and
+becomes a constant of it. The programs of a log density are kept in a cache keyed by the
+function's identity (never by its ``__eq__``/``__hash__``, which may be by value, or fail, as
+for an Equinox module holding arrays) and held through a weak reference: they, and the
+constants captured with them, are freed when the function is. A callable that cannot be
+weakly referenced gets programs compiled for the one call.
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -44,6 +57,7 @@ __all__ = [
     "run_warmup",
     "sampling_loop",
     "run_sampling",
+    "check_logdensity_args",
 ]
 
 Array = jax.Array
@@ -95,14 +109,109 @@ def flat_dimension(positions) -> int:
     return sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(positions))
 
 
-@partial(jax.jit, static_argnames=("logdensity_fn",))
-def init_states(logdensity_fn, positions) -> RWMHState:
+#: ``key -> (weak reference to the log density, {program name: compiled function})``.
+_PROGRAMS: dict = {}
+
+
+def check_logdensity_args(logdensity_args, name: str = "logdensity_args") -> tuple:
+    """``logdensity_args`` as a tuple whose leaves are arrays or numbers (they are traced, so
+    nothing else can pass); a ``TypeError`` naming ``name`` otherwise."""
+    if not isinstance(logdensity_args, (tuple, list)):
+        raise TypeError(
+            f"{name} must be a tuple of the extra arguments of logdensity_fn(position, *args); "
+            f"got {type(logdensity_args).__name__}."
+        )
+    for leaf in jax.tree_util.tree_leaves(tuple(logdensity_args)):
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+            raise TypeError(
+                f"{name} must hold arrays or numbers (PyTrees of them); got a "
+                f"{type(leaf).__name__}. Pass other values by closing over them."
+            )
+    return tuple(logdensity_args)
+
+
+def _weak_reference(fn):
+    """``(key, reference)`` for the cache, or None for a callable that cannot be weakly
+    referenced. A bound method is a new object at every attribute access: it is keyed and
+    referenced through its instance and function."""
+    try:
+        if inspect.ismethod(fn):
+            return (id(fn.__self__), id(fn.__func__)), weakref.WeakMethod(fn)
+        return id(fn), weakref.ref(fn)
+    except TypeError:
+        return None
+
+
+def _same(a, b) -> bool:
+    if inspect.ismethod(a) and inspect.ismethod(b):
+        return a.__self__ is b.__self__ and a.__func__ is b.__func__
+    return a is b
+
+
+def _programs_of(logdensity_fn) -> tuple[dict, Callable]:
+    """The compiled programs of ``logdensity_fn`` and ``bind(args) -> logdensity(position)``,
+    which the programs trace; neither holds the function strongly."""
+    found = _weak_reference(logdensity_fn)
+    if found is None:
+        return {}, lambda args: lambda position: logdensity_fn(position, *args)
+    key, reference = found
+    entry = _PROGRAMS.get(key)
+    if entry is None or not _same(entry[0](), logdensity_fn):
+
+        def forget(dead, key=key):
+            if _PROGRAMS.get(key, (None,))[0] is dead:
+                del _PROGRAMS[key]
+
+        reference = type(reference)(logdensity_fn, forget)
+        entry = _PROGRAMS[key] = (reference, {})
+    reference = entry[0]
+
+    def bind(args):
+        # Called while tracing, for a caller that holds the function.
+        fn = reference()
+        return lambda position: fn(position, *args)
+
+    return entry[1], bind
+
+
+def _program(logdensity_fn, name, build: Callable):
+    """The compiled program ``name`` of ``logdensity_fn``: ``build(bind)``, made once."""
+    programs, bind = _programs_of(logdensity_fn)
+    if name not in programs:
+        programs[name] = build(bind)
+    return programs[name]
+
+
+def _cache_size(kind: str) -> int:
+    """Compiled specialisations of every live program of ``kind`` (for the tests)."""
+    return sum(
+        program._cache_size()
+        for _, programs in list(_PROGRAMS.values())
+        for name, program in list(programs.items())
+        if (name[0] if isinstance(name, tuple) else name) == kind
+    )
+
+
+def init_states(logdensity_fn, positions, logdensity_args=()) -> RWMHState:
     """``jax.vmap(rwmh.init)`` over the chain axis, compiled."""
-    return jax.vmap(lambda p: init(p, logdensity_fn))(positions)
+
+    def build(bind):
+        def init_states(positions, args):
+            return jax.vmap(lambda p: init(p, bind(args)))(positions)
+
+        return jax.jit(init_states)
+
+    return _program(logdensity_fn, "init_states", build)(positions, tuple(logdensity_args))
 
 
 def initial_state(
-    logdensity_fn, positions, step_size=None, proposal_cov=None, dense=True, cov_name="proposal_cov"
+    logdensity_fn,
+    positions,
+    step_size=None,
+    proposal_cov=None,
+    dense=True,
+    cov_name="proposal_cov",
+    logdensity_args=(),
 ):
     """Batched chain states and a fresh :class:`rwmh.tuning.AdaptationState` for ``positions``.
 
@@ -113,16 +222,19 @@ def initial_state(
     if not isinstance(proposal_cov, FactoredCov):
         proposal_cov = factor_proposal_cov(proposal_cov, flat_dimension(positions), cov_name)
     covariance = proposal_cov.covariance
-    return _initial_state(logdensity_fn, positions, step_size, covariance, dense)
 
+    def build(bind):
+        def initial_state(positions, step_size, proposal_cov, dense, args):
+            states = jax.vmap(lambda p: init(p, bind(args)))(positions)
+            flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
+            dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
+            adapt = tuning.init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
+            return states, adapt
 
-@partial(jax.jit, static_argnames=("logdensity_fn", "dense"))
-def _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense):
-    states = init_states(logdensity_fn, positions)
-    flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
-    dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
-    adapt = tuning.init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
-    return states, adapt
+        return jax.jit(initial_state, static_argnames=("dense",))
+
+    program = _program(logdensity_fn, "initial_state", build)
+    return program(positions, step_size, covariance, dense, tuple(logdensity_args))
 
 
 def warmup_loop(
@@ -175,12 +287,45 @@ def warmup_loop(
     return states, adaptation_state, info
 
 
-@partial(jax.jit, static_argnames=("logdensity_fn", "target_acceptance_rate"))
-def run_warmup(logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule):
-    """Compiled :func:`warmup_loop`, cached per log density and array shapes."""
-    return warmup_loop(
-        logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule
+def run_warmup(
+    logdensity_fn,
+    target_acceptance_rate,
+    keys,
+    states,
+    adapt,
+    step_indices,
+    schedule,
+    chain_mask=None,
+    *,
+    logdensity_args=(),
+    jit_options=None,
+):
+    """Compiled :func:`warmup_loop`, cached per log density (see "Compiled programs") and
+    array shapes; ``jit_options`` (hashable pairs, such as sharded outputs) go to ``jax.jit``."""
+    options = dict(jit_options or ())
+
+    def build(bind):
+        def run_warmup(target_acceptance_rate, keys, states, adapt, steps, schedule, mask, args):
+            return warmup_loop(
+                bind(args), target_acceptance_rate, keys, states, adapt, steps, schedule, mask
+            )
+
+        return jax.jit(run_warmup, static_argnums=(0,), **options)
+
+    program = _program(logdensity_fn, ("warmup", jit_options), build)
+    return program(
+        target_acceptance_rate,
+        keys,
+        states,
+        adapt,
+        step_indices,
+        schedule,
+        chain_mask,
+        tuple(logdensity_args),
     )
+
+
+run_warmup._cache_size = lambda: _cache_size("warmup")
 
 
 def sampling_loop(
@@ -225,9 +370,35 @@ def sampling_loop(
     return jax.lax.scan(one_draw, states, jnp.arange(num_draws, dtype=jnp.uint32))
 
 
-@partial(jax.jit, static_argnames=("logdensity_fn", "num_draws", "thin"))
-def run_sampling(logdensity_fn, num_draws, thin, keys, states, step_size, proposal, first_step):
-    """Compiled :func:`sampling_loop`, cached per log density and array shapes."""
-    return sampling_loop(
-        logdensity_fn, num_draws, thin, keys, states, step_size, proposal, first_step
+def run_sampling(
+    logdensity_fn,
+    num_draws,
+    thin,
+    keys,
+    states,
+    step_size,
+    proposal,
+    first_step,
+    *,
+    logdensity_args=(),
+    jit_options=None,
+):
+    """Compiled :func:`sampling_loop`, cached per log density (see "Compiled programs") and
+    array shapes; ``jit_options`` as in :func:`run_warmup`."""
+    options = dict(jit_options or ())
+
+    def build(bind):
+        def run_sampling(num_draws, thin, keys, states, step_size, proposal, first_step, args):
+            return sampling_loop(
+                bind(args), num_draws, thin, keys, states, step_size, proposal, first_step
+            )
+
+        return jax.jit(run_sampling, static_argnums=(0, 1), **options)
+
+    program = _program(logdensity_fn, ("sampling", jit_options), build)
+    return program(
+        num_draws, thin, keys, states, step_size, proposal, first_step, tuple(logdensity_args)
     )
+
+
+run_sampling._cache_size = lambda: _cache_size("sampling")

@@ -177,8 +177,9 @@ def encode_tree(tree) -> tuple[Any, list]:
     """Describe a PyTree of arrays as JSON and list its leaves in the same order.
 
     Supported containers are dicts and ``OrderedDict`` objects with string keys, lists and
-    tuples, nested freely; any other node (a NamedTuple, a registered class) raises ``TypeError``, because rebuilding it
-    would need to import and call arbitrary code, which checkpoints never do.
+    tuples, nested freely; any other node (a NamedTuple, a registered class) raises
+    ``TypeError``, because rebuilding it would need to import and call arbitrary code, which
+    checkpoints never do.
     """
     leaves: list = []
 

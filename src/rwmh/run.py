@@ -47,12 +47,14 @@ class Settings:
         its arguments (a checkpoint may have been edited); ``KeyError`` for a missing field,
         ``TypeError`` or ``ValueError`` naming a bad one."""
         chunk_size = values["chunk_size"]
+        if chunk_size is not None:
+            chunk_size = checks.check_int(chunk_size, "chunk_size", 1)
         return cls(
             num_chains=checks.check_int(values["num_chains"], "num_chains", 1),
             num_samples=checks.check_int(values["num_samples"], "num_samples", 1),
             num_warmup=checks.check_int(values["num_warmup"], "num_warmup", 0),
             thin=checks.check_int(values["thin"], "thin", 1),
-            chunk_size=None if chunk_size is None else checks.check_int(chunk_size, "chunk_size", 1),
+            chunk_size=chunk_size,
             target_acceptance_rate=checks.check_probability(
                 values["target_acceptance_rate"], "target_acceptance_rate"
             ),

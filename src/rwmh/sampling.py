@@ -11,9 +11,9 @@ with ``checkpoint=``, saved (:mod:`rwmh.checkpoint`), from where :func:`resume` 
 Which key each chain uses at each step is decided in :mod:`rwmh.chains` alone; the draws
 therefore depend neither on the chunking nor on the device layout.
 
-The scans are compiled once per log density and array shapes and cached by ``jax.jit``: a
-second call with the same ``logdensity_fn`` (the same Python object) and the same shapes does
-not compile again.
+The scans are compiled once per log density and array shapes (:mod:`rwmh.chains`, "Compiled
+programs"): a second call with the same ``logdensity_fn`` (the same Python object) and the
+same shapes does not compile again, whatever the values of ``logdensity_args``.
 """
 
 from __future__ import annotations
@@ -210,7 +210,9 @@ def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFligh
         raise KeyboardInterrupt
 
 
-def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, show):
+def _drive(
+    run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, show, logdensity_args=()
+):
     """Run ``run`` from where it stands to the end, chunk by chunk.
 
     After every chunk the draws go to the host and, with ``checkpoint_path``, the whole run is
@@ -224,6 +226,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
     in_flight = _InFlight()
     # The device side of the run: the latest dispatched states (and adaptation state).
     carry = {"states": run.states, "adapt": run.adapt}
+    args = layout.replicated(logdensity_args)
     in_flight.defer_ctrl_c()
     try:
         if run.phase == "warmup":
@@ -246,6 +249,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
                     layout.replicated(np.arange(first, first + length, dtype=np.uint32)),
                     layout.replicated(schedule.steps(first, length)),
                     *mask,
+                    logdensity_args=args,
                 )
                 return carry["states"], carry["adapt"], info
 
@@ -276,6 +280,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
                 step_size,
                 proposal,
                 layout.replicated(np.asarray(first * thin, np.uint32)),
+                logdensity_args=args,
             )
             return carry["states"], draws
 
@@ -340,7 +345,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
 _RESUME_ULPS = 64
 
 
-def _check_logdensity(path, logdensity_fn, states) -> None:
+def _check_logdensity(path, logdensity_fn, states, logdensity_args=()) -> None:
     """Refuse to resume with a log density other than the one the run was sampling.
 
     Every chain's log density is recomputed at its saved position and must equal the saved
@@ -352,7 +357,7 @@ def _check_logdensity(path, logdensity_fn, states) -> None:
     uninterrupted one; the message says it is a constant.
     """
     position = jax.tree_util.tree_map(jnp.asarray, states.position)
-    recomputed = np.asarray(chains.init_states(logdensity_fn, position).logdensity)
+    recomputed = np.asarray(chains.init_states(logdensity_fn, position, logdensity_args).logdensity)
     saved = np.asarray(states.logdensity)
     eps = np.finfo(saved.dtype).eps if np.issubdtype(saved.dtype, np.floating) else 0.0
     difference = recomputed.astype(np.float64) - saved.astype(np.float64)
@@ -379,7 +384,14 @@ def _check_logdensity(path, logdensity_fn, states) -> None:
     )
 
 
-def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = True):
+def resume(
+    path,
+    logdensity_fn: Callable,
+    *,
+    logdensity_args=(),
+    devices=None,
+    progress_bar: bool = True,
+):
     """Finish a run of :func:`rwmh.sample` from its checkpoint.
 
     The draws are identical to those of the run without interruption: every random number
@@ -392,9 +404,10 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
     ----------
     path
         The ``checkpoint=`` file of the interrupted run.
-    logdensity_fn
-        The log density the run was sampling (functions cannot be stored safely, so it is
-        given again; a mismatch at the saved positions raises ``ValueError``).
+    logdensity_fn, logdensity_args
+        The log density the run was sampling and its extra arguments (functions and data are
+        not stored, so they are given again; a mismatch at the saved positions raises
+        ``ValueError``).
     devices
         As in :func:`rwmh.sample`; it need not be the layout of the interrupted run.
     progress_bar
@@ -424,11 +437,12 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or PathLike); got {type(path).__name__}.")
     checks.check_callable(logdensity_fn)
+    logdensity_args = chains.check_logdensity_args(logdensity_args)
     progress_bar = checks.check_bool(progress_bar, "progress_bar")
     mesh = resolve_devices(devices)
     path = os.fspath(path)
     run = checkpoint_file.load(path)
-    _check_logdensity(path, logdensity_fn, run.states)
+    _check_logdensity(path, logdensity_fn, run.states, logdensity_args)
     layout = Layout(mesh, run.settings.num_chains)
     run.states = layout.chains(run.states)
     run.adapt = layout.replicated(run.adapt)
@@ -436,7 +450,8 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
         run.start_sampling()
     if run.phase == "done":
         return _result(run, layout, stacklevel=3)
-    return _drive(run, logdensity_fn, layout, checkpoint_file.check_path(path), progress_bar)
+    path = checkpoint_file.check_path(path)
+    return _drive(run, logdensity_fn, layout, path, progress_bar, logdensity_args)
 
 
 def sample(
@@ -449,6 +464,7 @@ def sample(
     step_size=None,
     proposal_cov=None,
     *,
+    logdensity_args=(),
     target_acceptance_rate: float | None = None,
     dense: bool = True,
     restart_stranded: bool = True,
@@ -464,7 +480,8 @@ def sample(
     rng_key
         A typed key (``jax.random.key``) or a legacy ``jax.random.PRNGKey``.
     logdensity_fn
-        Log density of the target for one position (a PyTree), returning a scalar.
+        Log density of the target for one position (a PyTree), returning a scalar; called as
+        ``logdensity_fn(position, *logdensity_args)``.
     initial_positions
         A PyTree whose leaves carry a leading chain axis: ``(num_chains, ...)``.
     num_samples
@@ -476,6 +493,13 @@ def sample(
     thin
         Keep every ``thin``-th state; the chains take ``num_samples * thin`` steps. Thinning
         happens inside the compiled loop: the skipped states never reach memory.
+    logdensity_args
+        Extra arguments of ``logdensity_fn``, a tuple of arrays or PyTrees of arrays (the
+        data), as NumPyro's model arguments or scipy's ``args=``. They are traced: one
+        compiled program serves every data set of the same shapes. Values the function
+        captures instead (globals, closures, attributes) are read once, when the program is
+        compiled for that function object, and changing them later has no effect (see the
+        README, "Data and closures").
     step_size, proposal_cov
         Starting values for warmup, or the parameters used when ``num_warmup == 0``. Default:
         ``2.38 / sqrt(d)`` and the identity.
@@ -533,6 +557,7 @@ def sample(
     """
     checks.check_key(rng_key)
     checks.check_callable(logdensity_fn)
+    logdensity_args = chains.check_logdensity_args(logdensity_args)
     num_samples = checks.check_int(num_samples, "num_samples", 1)
     num_warmup = checks.check_int(num_warmup, "num_warmup", 0)
     thin = checks.check_int(thin, "thin", 1)
@@ -558,7 +583,9 @@ def sample(
         positions = layout.chains(positions)
     # Validated once, here: warmup starts from it, or sampling uses it as it is.
     proposal = factor_proposal_cov(proposal_cov, chains.flat_dimension(positions))
-    states, adapt = chains.initial_state(logdensity_fn, positions, step_size, proposal, dense)
+    states, adapt = chains.initial_state(
+        logdensity_fn, positions, step_size, proposal, dense, logdensity_args=logdensity_args
+    )
     checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")
     settings = Settings(
         num_chains=num_chains,
@@ -575,4 +602,4 @@ def sample(
         run.parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
         run.proposal = proposal
         run.phase = "sampling"
-    return _drive(run, logdensity_fn, layout, checkpoint, progress_bar)
+    return _drive(run, logdensity_fn, layout, checkpoint, progress_bar, logdensity_args)
