@@ -266,8 +266,9 @@ def sharded(out):
 
 
 def padded_checkpoint(out):
-    """6 chains padded to 8 over 4 devices, stopped by Ctrl-C after the second checkpoint (in
-    warmup), then resumed sharded: the draws must equal the uninterrupted sharded run."""
+    """6 chains padded to 8 over 4 devices, stopped by Ctrl-C right after the first checkpoint
+    (in warmup: the chunk being recorded and the one in flight are kept, 100 steps), then
+    resumed sharded: the draws must equal the uninterrupted sharded run."""
     import warnings
 
     import jax
@@ -285,7 +286,7 @@ def padded_checkpoint(out):
     def write_then_interrupt(*args, **kwargs):
         write(*args, **kwargs)
         writes.append(None)
-        if len(writes) == 2:
+        if len(writes) == 1:
             raise KeyboardInterrupt
 
     checkpoint.write = write_then_interrupt

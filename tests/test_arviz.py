@@ -231,3 +231,40 @@ def test_plot_trace_writes_a_png_and_checks_names(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="'nope' is not in the posterior"):
         rwmh_arviz.plot_trace(idata, str(path), var_names=["nope"])
+
+
+@pytest.mark.parametrize(
+    "names, culprit",
+    [(["draw", "mu"], "draw"), (["chain", "mu"], "chain"), (["x_dim_0", "x"], "x_dim_0")],
+)
+def test_variables_named_like_dimensions_are_refused_not_dropped(names, culprit):
+    """Before the fix ArviZ (0.x and 1.x alike) turned them into coordinates: the variable
+    vanished from the posterior without a word."""
+    draws = {
+        name: np.zeros((2, 5, 3)) if name in ("mu", "x") else np.ones((2, 5)) for name in names
+    }
+    with pytest.raises(ValueError, match=f"variable '{culprit}' has the name of"):
+        rwmh.to_inference_data(draws)
+
+
+def test_naming_the_dimensions_keeps_a_variable_called_like_a_default_dimension():
+    draws = {"x_dim_0": np.ones((2, 5)), "x": np.zeros((2, 5, 3))}
+    idata = rwmh.to_inference_data(draws, dims={"x": ["component"]})
+    assert sorted(idata.posterior.data_vars) == ["x", "x_dim_0"]
+
+
+def test_sample_with_a_parameter_named_chain_does_not_lose_it():
+    positions = {"chain": jnp.zeros(4), "mu": jnp.zeros(4)}
+    result = rwmh.sample(
+        jax.random.key(0),
+        lambda p: -0.5 * (p["chain"] ** 2 + p["mu"] ** 2),
+        positions,
+        20,
+        20,
+        progress_bar=False,
+    )
+    assert result.positions["chain"].shape == (4, 20)
+    with pytest.raises(ValueError, match="variable 'chain' has the name of the chain axis"):
+        result.to_inference_data()
+    idata = result.to_inference_data(var_names=["c", "mu"])
+    assert sorted(idata.posterior.data_vars) == ["c", "mu"]

@@ -189,3 +189,132 @@ def test_legacy_key_round_trips(tmp_path):
     first = rwmh.sample(jax.random.PRNGKey(1), logdensity, positions, checkpoint=path, **kwargs)
     again = rwmh.resume(path, logdensity)
     _assert_same_run(again, first)
+
+
+# --- resume refuses what it cannot continue exactly -----------------------------------------
+
+
+def _far_from_zero(p):
+    """Log densities near -1e5, where a relative tolerance hides a real change."""
+    return -1e5 - 0.5 * jnp.sum(p["x"] ** 2 / jnp.array([1.0, 4.0])) - 0.5 * p["y"] ** 2
+
+
+@pytest.fixture
+def far_checkpoint(tmp_path):
+    path = tmp_path / "far.npz"
+    rwmh.sample(
+        jax.random.key(3), _far_from_zero, scale_worker.initial_gaussian(4), checkpoint=path, **RUN
+    )
+    return path
+
+
+def test_a_small_change_of_a_large_log_density_is_refused(far_checkpoint):
+    """Before the fix ``allclose(rtol=1e-3)`` let a target differing by 6 x0^2 (at most 1.7
+    here) resume at log densities near -1e5 (a tolerance of 100)."""
+    saved = checkpoint.load(far_checkpoint).states.position["x"][:, 0]
+    assert np.max(6.0 * saved**2) > 1.5  # above the rounding allowed in float32 (0.76)
+    changed = lambda p: _far_from_zero(p) - 6.0 * p["x"][0] ** 2  # noqa: E731
+    with pytest.raises(ValueError, match="logdensity_fn does not match.*saved positions"):
+        rwmh.resume(far_checkpoint, changed, progress_bar=False)
+    rwmh.resume(far_checkpoint, _far_from_zero, progress_bar=False)  # the same one resumes
+
+
+def test_a_constant_offset_is_refused_and_named(far_checkpoint):
+    with pytest.raises(ValueError, match="differs by a constant, 10"):
+        rwmh.resume(far_checkpoint, lambda p: _far_from_zero(p) + 10.0, progress_bar=False)
+
+
+def test_ordered_dict_positions_keep_their_type_and_order(monkeypatch, tmp_path):
+    """JAX flattens an OrderedDict in insertion order, a dict in sorted order. Before the fix
+    an OrderedDict came back from the file as a dict, flattened against the saved covariance's
+    order: other draws than the uninterrupted run's."""
+    from collections import OrderedDict
+
+    def logdensity(p):
+        return -0.5 * (jnp.sum(p["z"] ** 2 / jnp.array([1.0, 100.0, 0.01])) + p["a"][0] ** 2)
+
+    positions = OrderedDict(z=jnp.ones((4, 3)) * 0.1, a=jnp.zeros((4, 1)))
+    whole = rwmh.sample(jax.random.key(5), logdensity, positions, **RUN)
+    path = tmp_path / "ordered.npz"
+    interrupt_on_call(monkeypatch, chains, "run_sampling", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rwmh.sample(jax.random.key(5), logdensity, positions, checkpoint=path, **RUN)
+    monkeypatch.undo()
+    assert checkpoint.load(path).phase == "sampling"
+    resumed = rwmh.resume(path, logdensity, progress_bar=False)
+    assert type(resumed.positions) is OrderedDict and list(resumed.positions) == ["z", "a"]
+    assert type(resumed.last_state.position) is OrderedDict
+    _assert_same_run(resumed, whole)
+
+
+def _tamper(path, change):
+    metadata, arrays = checkpoint.read(path)
+    change(metadata)
+    checkpoint.write(str(path), metadata, arrays)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("chunk_size", -5),
+        ("thin", 0),
+        ("num_samples", 0),
+        ("num_warmup", -1),
+        ("num_chains", "4"),
+        ("dense", "yes"),
+        ("target_acceptance_rate", 2.0),
+        ("restart_stranded", 1),
+    ],
+)
+def test_tampered_settings_are_refused_naming_the_field(finished, field, value):
+    """Before the fix ``chunk_size: -5`` returned uninitialised memory as ``lp`` and
+    ``thin: 0`` NaN acceptance rates."""
+    _tamper(finished, lambda m: m["settings"].__setitem__(field, value))
+    with pytest.raises(ValueError, match=f"{finished}.*{field}"):
+        rwmh.resume(finished, scale_worker.gaussian_logdensity, progress_bar=False)
+
+
+@pytest.mark.parametrize("value", [-1, 10**6, 2.5])
+def test_tampered_next_step_is_refused(finished, value):
+    _tamper(finished, lambda m: m.__setitem__("next_step", value))
+    with pytest.raises(ValueError, match=f"{finished}.*next_step"):
+        rwmh.resume(finished, scale_worker.gaussian_logdensity, progress_bar=False)
+
+
+def _patch_central_directory(path, offset, value):
+    """Overwrite two bytes of every central-directory entry of the zip at ``path``."""
+    data = bytearray(path.read_bytes())
+    start = 0
+    while (start := data.find(b"PK\x01\x02", start)) >= 0:
+        data[start + offset : start + offset + 2] = value.to_bytes(2, "little")
+        start += 4
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["npy", "unknown-compression", "encrypted-flag"],
+)
+def test_other_damage_is_the_promised_value_error(finished, damage):
+    """Before the fix these escaped as TypeError, NotImplementedError and RuntimeError."""
+    if damage == "npy":
+        with open(finished, "wb") as handle:
+            np.save(handle, np.zeros(3))
+    elif damage == "unknown-compression":
+        _patch_central_directory(finished, 10, 99)
+    else:
+        _patch_central_directory(finished, 8, 1)
+    with pytest.raises(ValueError, match=str(finished)):
+        rwmh.resume(finished, scale_worker.gaussian_logdensity, progress_bar=False)
+
+
+@pytest.mark.parametrize("path", ["", "some/dir/"])
+def test_a_checkpoint_path_naming_no_file_is_refused_before_the_run(path):
+    """Before the fix ``checkpoint=""`` was accepted and failed after the first chunk."""
+
+    def never_called(x):
+        raise AssertionError("the run started")
+
+    with pytest.raises(ValueError, match="checkpoint must name a file"):
+        rwmh.sample(jax.random.key(0), never_called, jnp.zeros((4, 2)), checkpoint=path, **RUN)

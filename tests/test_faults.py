@@ -322,6 +322,40 @@ def test_proposals_that_overflow_to_infinity_are_rejected():
     assert np.all(info.is_accepted.any(axis=1))
 
 
+def test_a_proposal_at_infinity_is_rejected_where_the_log_density_is_finite():
+    """A flat log density is finite at +-inf and NaN positions too: the kernel must reject a
+    proposal that overflowed by its position, not only by its log density (before the fix
+    every such proposal was accepted and the chains went to NaN with a finite ``lp``)."""
+    flat = lambda x: jnp.zeros((), x.dtype)
+    positions = jnp.full((8, 2), 1e38, jnp.float32)
+    trace, info = run_kernel(flat, positions, 200, step_size=3e38, seed=7)
+    proposed = flat_draws(info.proposal.position)
+    overflowed = ~np.isfinite(proposed).all(axis=-1)
+    assert overflowed.mean() > 0.1  # the fault fired
+    assert not np.any(info.is_accepted[overflowed])
+    assert np.all(info.acceptance_rate[overflowed] == 0.0)
+    assert np.all(np.isfinite(flat_draws(trace.position)))
+
+
+@pytest.mark.parametrize(
+    "logdensity",
+    [lambda x: 0.0, lambda x: jnp.sum(jnp.log(jax.nn.sigmoid(x)))],
+    ids=["constant", "log-sigmoid"],
+)
+def test_improper_flat_targets_never_give_non_finite_draws(logdensity):
+    """Targets that are flat toward infinity: every proposal is accepted, warmup grows the
+    step size until proposals overflow. Before the fix the overflowed proposals were accepted
+    (their log density is finite) and every draw was NaN or inf with a finite ``lp``."""
+    result = rwmh.sample(
+        jax.random.key(0), logdensity, jnp.zeros((4, 2)), 500, 20_000, progress_bar=False
+    )
+    assert np.all(np.isfinite(result.positions))
+    assert np.all(np.isfinite(result.stats["lp"]))
+    assert np.isfinite(float(result.parameters["step_size"]))
+    # The fault fired: the chains went to float32's range, where proposals overflow.
+    assert np.abs(result.positions).max() > 1e30
+
+
 # --- the driver: warmup and sampling --------------------------------------------------------
 
 

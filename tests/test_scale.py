@@ -7,16 +7,25 @@ process (``scale_worker.py sharded``) and the tests here compare what it wrote.
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scale_worker
-from _scale_helpers import interrupt_on_call, run_worker
+import sigint_worker
+from _scale_helpers import interrupt_on_call, run_worker, worker_env
 
 import rwmh
 from rwmh import chains
+
+SIGINT_WORKER = os.path.join(os.path.dirname(__file__), "sigint_worker.py")
 
 # thin=3 and chunks of 10 throughout, so that the tests share compiled code.
 RUN = dict(num_samples=30, num_warmup=60, thin=3, progress_bar=False)
@@ -188,3 +197,59 @@ def test_memory_bounded_when_steps_grow_40x():
     few = _peak_rss_kb(1)
     many = _peak_rss_kb(40)
     assert many < 1.15 * few, (few, many)
+
+
+def _interrupt_at_random_moments(chunk_size, num_moments, seed):
+    """SIGINT a child's ``rwmh.sample`` at ``num_moments`` uniform moments of a run (warmup
+    and sampling, 3000 steps each); the child's reports (see ``sigint_worker.py``)."""
+    process = subprocess.Popen(
+        [sys.executable, SIGINT_WORKER, str(chunk_size).lower(), str(num_moments)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    rng = random.Random(seed)
+    reports = []
+    try:
+        seconds = float(process.stdout.readline().split()[1])
+        for _ in range(num_moments):
+            assert process.stdout.readline().startswith("start")
+            time.sleep(rng.uniform(0.0, seconds))
+            process.send_signal(signal.SIGINT)
+            reports.append(json.loads(process.stdout.readline().split(maxsplit=2)[2]))
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return reports
+
+
+def _assert_nothing_computed_is_lost(reports):
+    total = sigint_worker.NUM_WARMUP + sigint_worker.NUM_SAMPLES
+    for report in reports:
+        if report.get("escaped"):
+            # Ctrl-C before the driver started (argument checks): nothing was computed.
+            assert report["computed_steps"] == 0, report
+            continue
+        assert report["identical_prefix"], report
+        assert report["returned_steps"] >= report["computed_steps"], report
+        assert report["interrupted"] or report["returned_steps"] == total, report
+
+
+@pytest.mark.parametrize("chunk_size", [None, 250])
+def test_ctrl_c_at_random_moments_keeps_every_computed_draw(chunk_size):
+    """Before the fix a SIGINT during a chunk lost that chunk (and the one in flight): the
+    record step dropped it before blocking on the device, and Ctrl-C inside a host callback
+    of the log density became an XLA error."""
+    _assert_nothing_computed_is_lost(_interrupt_at_random_moments(chunk_size, 3, seed=0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [None, 250])
+def test_ctrl_c_at_20_random_moments_keeps_every_computed_draw(chunk_size):
+    reports = _interrupt_at_random_moments(chunk_size, 20, seed=1)
+    _assert_nothing_computed_is_lost(reports)
+    # Both phases were hit.
+    computed = [r["computed_steps"] for r in reports]
+    assert min(computed) < sigint_worker.NUM_WARMUP < max(computed), computed

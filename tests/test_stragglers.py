@@ -243,3 +243,29 @@ def test_sharded_over_four_devices_equals_unsharded():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("d, moved", [(1, False), (2, False), (5, False), (10, False), (60, True)])
+def test_where_the_rule_keeps_a_wide_equal_mass_mode(d, moved):
+    """The limit the README states: 0.5 N(-m, I) + 0.5 N(m, 10^2 I), 2 of 8 chains at exact
+    draws of the wide mode. Its typical log density is d log 10 below the narrow mode's: the
+    wide chains stay while that is well below d/2 + 20 + 5 sqrt(d) (d <= 10 here: 23 against
+    41) and are moved once it is well above (d = 60: 138 against 89), over 20 seeds each."""
+    num_chains, log_r = 8, math.log(10.0)
+    r = math.exp(log_r)
+    m = np.full(d, 50.0 * r)
+    wide = np.arange(num_chains) < 2
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        positions = np.where(wide[:, None], m + r * rng.normal(size=(num_chains, d)), 0.0)
+        positions[~wide] = -m + rng.normal(size=(num_chains - 2, d))
+        narrow_part = -0.5 * np.sum((positions + m) ** 2, -1)
+        wide_part = -0.5 * np.sum((positions - m) ** 2, -1) / r**2 - d * log_r
+        logdensity = logsumexp([narrow_part, wide_part], axis=0) + math.log(0.5)
+        states = RWMHState(
+            jnp.asarray(positions, jnp.float32), jnp.asarray(logdensity, jnp.float32)
+        )
+        new, count = restart_stranded(states, d)
+        assert int(count) == (2 if moved else 0), seed
+        kept = np.asarray(new.position)[wide] == positions[wide].astype(np.float32)
+        assert kept.all() != moved, seed

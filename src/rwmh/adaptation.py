@@ -47,9 +47,11 @@ def window_adaptation(
     Parameters
     ----------
     logdensity_fn
-        Log density of the target for one position, or an :class:`rwmh.EstimatedLogDensity`
-        (pseudo-marginal; the default target acceptance rate is then
-        :func:`rwmh.pmmh.default_target_acceptance_rate`).
+        Log density of the target for one position, called as
+        ``logdensity_fn(position, *logdensity_args)`` with the ``logdensity_args`` of ``run``
+        (extra arguments such as data, traced: see :func:`rwmh.sample`); or an
+        :class:`rwmh.EstimatedLogDensity` (pseudo-marginal; the default target acceptance
+        rate is then :func:`rwmh.pmmh.default_target_acceptance_rate`).
     target_acceptance_rate
         Acceptance rate to tune the step size toward, in (0, 1). By default it depends on the
         dimension ``d``: ``0.234 + 0.206 exp(-(d - 1) / 2)`` (0.44 for d = 1).
@@ -66,7 +68,7 @@ def window_adaptation(
 
     Returns
     -------
-    An object whose ``run(rng_key, positions, num_steps=1000)`` returns
+    An object whose ``run(rng_key, positions, num_steps=1000, logdensity_args=())`` returns
     ``(AdaptationResults(states, parameters), info)``, where ``positions`` carry a leading chain
     axis, ``states`` are the chain states after warmup, ``parameters`` is
     ``{"step_size", "proposal_cov"}`` for :func:`rwmh.random_walk`, and ``info`` is an
@@ -91,8 +93,9 @@ def window_adaptation(
     if initial_proposal_cov is not None:
         proposal_scale(initial_proposal_cov, name="initial_proposal_cov")
 
-    def run(rng_key, positions, num_steps: int = 1000):
+    def run(rng_key, positions, num_steps: int = 1000, logdensity_args=()):
         checks.check_key(rng_key)
+        logdensity_args = chains.check_logdensity_args(logdensity_args)
         num_steps = checks.check_int(num_steps, "num_steps", 0)
         num_chains = checks.check_chain_axis(positions, "positions")
         checks.check_float_positions(positions, "positions", batched=True)
@@ -105,6 +108,7 @@ def window_adaptation(
             dense,
             cov_name="initial_proposal_cov",
             warmup_key=rng_key,
+            logdensity_args=logdensity_args,
         )
         checks.check_finite_logdensity(states.logdensity, "positions")
         schedule = tuning.build_schedule(num_steps, restart_stranded=restart_stranded)
@@ -112,7 +116,14 @@ def window_adaptation(
         # The run's key is the warmup key (see rwmh.chains on keys).
         keys = chains.chain_keys(rng_key, num_chains)
         states, adapt, info = chains.run_warmup(
-            logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule
+            logdensity_fn,
+            target_acceptance_rate,
+            keys,
+            states,
+            adapt,
+            step_indices,
+            schedule,
+            logdensity_args=logdensity_args,
         )
         stragglers.warn_restarts(stragglers.restarts_by_step(info.num_restarted))
         return AdaptationResults(states, tuning.final(adapt)), info

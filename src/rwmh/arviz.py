@@ -229,6 +229,29 @@ def _check_labels(groups: dict, coords, dims, attrs) -> None:
             )
 
 
+def _check_names_are_not_dimensions(groups: dict, dims) -> None:
+    """A variable named like a dimension (``chain``, ``draw``, ``x_dim_0``, a name in
+    ``dims``) becomes that dimension's coordinate in xarray and vanishes from the variables,
+    without a word, in ArviZ 0.x and 1.x alike: refuse it, naming it."""
+    dims = dims or {}
+    dimensions = {"chain": "the chain axis", "draw": "the draw axis"}
+    for group in groups.values():
+        for var, values in group.items():
+            given = list(dims.get(var, ()))
+            event_ndim = np.ndim(values) - 2
+            names = given + [f"{var}_dim_{i}" for i in range(len(given), event_ndim)]
+            for dim in names[:event_ndim]:
+                dimensions.setdefault(dim, f"a dimension of {var!r}")
+    for group_name, group in groups.items():
+        for var in group:
+            if var in dimensions:
+                raise ValueError(
+                    f"{group_name} variable {var!r} has the name of {dimensions[var]}; ArviZ "
+                    "would turn it into that dimension's coordinate and drop it. Rename it "
+                    "(var_names=) or name the dimensions (dims=)."
+                )
+
+
 def _sample_stats_dict(stats: Mapping, sample_shape) -> dict[str, np.ndarray]:
     if not isinstance(stats, Mapping):
         raise TypeError(f"stats must be a mapping of name to array; got {type(stats).__name__}.")
@@ -318,6 +341,7 @@ def to_inference_data(
     from rwmh import __version__
 
     _check_labels(groups, coords, dims, attrs)
+    _check_names_are_not_dimensions(groups, dims)
     all_attrs = {"inference_library": "rwmh", "inference_library_version": __version__}
     all_attrs.update(attrs or {})
     return _from_dict(

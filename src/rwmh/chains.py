@@ -12,19 +12,33 @@ This module is the one answer to "which key does chain ``c`` use at step ``t``":
 * At step ``t`` of the phase (counted from 0 over the whole phase, whatever the chunking)
   chain ``c`` steps with ``fold_in(chain_key, t)`` (:func:`step`).
 
-A pseudo-marginal chain (:class:`rwmh.EstimatedLogDensity`) draws its initial ``u`` with
-``fold_in(chain_key, INIT_STEP)``, the warmup key of a step index no phase reaches.
-
 So the draws depend neither on how a run is cut into chunks nor on how its chains are laid
 out over devices, and a run resumed from a checkpoint continues with the very same keys.
 
 The scans (:func:`warmup_loop`, :func:`sampling_loop`) are pure and meant to run under
-``jit``; :func:`run_warmup` and :func:`run_sampling` are their compiled forms, cached per log
-density and array shapes. :mod:`rwmh.devices` compiles the same functions for sharded chains.
+``jit``; :func:`run_warmup` and :func:`run_sampling` are their compiled forms.
+:mod:`rwmh.devices` compiles the same functions for sharded chains.
+
+A pseudo-marginal chain (:class:`rwmh.EstimatedLogDensity`) draws its initial ``u`` with
+``fold_in(chain_key, INIT_STEP)``, the warmup key of a step index no phase reaches.
+
+Compiled programs
+-----------------
+A log density is called as ``logdensity_fn(position, *logdensity_args)``. The arguments are
+traced, so one compiled program serves every data set of the same shapes; what the function
+captures (globals, closure cells, attributes) is read once, when the program is traced, and
+becomes a constant of it. The programs of a log density are kept in a cache keyed by the
+function's identity (never by its ``__eq__``/``__hash__``, which may be by value, or fail, as
+for an Equinox module holding arrays) and held through a weak reference: they, and the
+constants captured with them, are freed when the function is. A callable that cannot be
+weakly referenced gets programs compiled for the one call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -43,13 +57,14 @@ __all__ = [
     "step",
     "flat_dimension",
     "init_states",
+    "initial_state",
     "init_keys",
     "recompute_logdensity",
-    "initial_state",
     "warmup_loop",
     "run_warmup",
     "sampling_loop",
     "run_sampling",
+    "check_logdensity_args",
 ]
 
 Array = jax.Array
@@ -111,14 +126,122 @@ def flat_dimension(positions) -> int:
     return sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(positions))
 
 
-@partial(jax.jit, static_argnames=("logdensity_fn",))
-def init_states(logdensity_fn, positions, keys=None) -> RWMHState:
-    """``jax.vmap(rwmh.init)`` over the chain axis, compiled. For an
+#: ``key -> (weak reference to the log density, {program name: compiled function})``.
+_PROGRAMS: dict = {}
+
+
+def check_logdensity_args(logdensity_args, name: str = "logdensity_args") -> tuple:
+    """``logdensity_args`` as a tuple whose leaves are arrays or numbers (they are traced, so
+    nothing else can pass); a ``TypeError`` naming ``name`` otherwise."""
+    if not isinstance(logdensity_args, (tuple, list)):
+        raise TypeError(
+            f"{name} must be a tuple of the extra arguments of logdensity_fn(position, *args); "
+            f"got {type(logdensity_args).__name__}."
+        )
+    for leaf in jax.tree_util.tree_leaves(tuple(logdensity_args)):
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+            raise TypeError(
+                f"{name} must hold arrays or numbers (PyTrees of them); got a "
+                f"{type(leaf).__name__}. Pass other values by closing over them."
+            )
+    return tuple(logdensity_args)
+
+
+def _weak_reference(fn):
+    """``(key, reference)`` for the cache, or None for a callable that cannot be weakly
+    referenced. A bound method is a new object at every attribute access: it is keyed and
+    referenced through its instance and function."""
+    try:
+        if inspect.ismethod(fn):
+            return (id(fn.__self__), id(fn.__func__)), weakref.WeakMethod(fn)
+        return id(fn), weakref.ref(fn)
+    except TypeError:
+        return None
+
+
+def _bound(fn, args):
+    """``fn`` with ``args`` bound after the position (and, for an
+    :class:`rwmh.EstimatedLogDensity`, after ``u``)."""
+    if isinstance(fn, EstimatedLogDensity):
+        if not args:
+            return fn
+        estimator = fn.logdensity_estimator
+        return dataclasses.replace(
+            fn, logdensity_estimator=lambda position, u: estimator(position, u, *args)
+        )
+    return lambda position: fn(position, *args)
+
+
+def _same(a, b) -> bool:
+    if inspect.ismethod(a) and inspect.ismethod(b):
+        return a.__self__ is b.__self__ and a.__func__ is b.__func__
+    return a is b
+
+
+def _programs_of(logdensity_fn) -> tuple[dict, Callable]:
+    """The compiled programs of ``logdensity_fn`` and ``bind(args) -> logdensity(position)``,
+    which the programs trace; neither holds the function strongly."""
+    found = _weak_reference(logdensity_fn)
+    if found is None:
+        return {}, lambda args: _bound(logdensity_fn, args)
+    key, reference = found
+    entry = _PROGRAMS.get(key)
+    if entry is None or not _same(entry[0](), logdensity_fn):
+
+        def forget(dead, key=key):
+            if _PROGRAMS.get(key, (None,))[0] is dead:
+                del _PROGRAMS[key]
+
+        reference = type(reference)(logdensity_fn, forget)
+        entry = _PROGRAMS[key] = (reference, {})
+    reference = entry[0]
+
+    def bind(args):
+        # Called while tracing, for a caller that holds the function.
+        return _bound(reference(), args)
+
+    return entry[1], bind
+
+
+def _program(logdensity_fn, name, build: Callable):
+    """The compiled program ``name`` of ``logdensity_fn``: ``build(bind)``, made once."""
+    programs, bind = _programs_of(logdensity_fn)
+    if name not in programs:
+        programs[name] = build(bind)
+    return programs[name]
+
+
+def _cache_size(kind: str) -> int:
+    """Compiled specialisations of every live program of ``kind`` (for the tests)."""
+    return sum(
+        program._cache_size()
+        for _, programs in list(_PROGRAMS.values())
+        for name, program in list(programs.items())
+        if (name[0] if isinstance(name, tuple) else name) == kind
+    )
+
+
+def _init_batch(logdensity_fn, positions, keys):
+    """``jax.vmap(rwmh.init)`` over the chain axis (traced). For an
     :class:`rwmh.EstimatedLogDensity`, ``keys`` (one per chain) draw each chain's ``u``."""
     if isinstance(logdensity_fn, EstimatedLogDensity):
         estimator, aux_shape = logdensity_fn.logdensity_estimator, logdensity_fn.aux_shape
         return jax.vmap(lambda p, k: pmmh.init(p, estimator, k, aux_shape))(positions, keys)
     return jax.vmap(lambda p: init(p, logdensity_fn))(positions)
+
+
+def init_states(logdensity_fn, positions, keys=None, logdensity_args=()) -> RWMHState:
+    """``jax.vmap(rwmh.init)`` over the chain axis, compiled. For an
+    :class:`rwmh.EstimatedLogDensity`, ``keys`` (one per chain) draw each chain's ``u``."""
+
+    def build(bind):
+        def init_states(positions, keys, args):
+            return _init_batch(bind(args), positions, keys)
+
+        return jax.jit(init_states)
+
+    program = _program(logdensity_fn, "init_states", build)
+    return program(positions, keys, tuple(logdensity_args))
 
 
 def init_keys(warmup_key, num_chains: int) -> Array:
@@ -128,7 +251,7 @@ def init_keys(warmup_key, num_chains: int) -> Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, np.uint32(INIT_STEP))
 
 
-def recompute_logdensity(logdensity_fn, states) -> Array:
+def recompute_logdensity(logdensity_fn, states, logdensity_args=()) -> Array:
     """The log densities (for an :class:`rwmh.EstimatedLogDensity`: the estimates from the
     states' own ``u``) at the positions of batched ``states``; ValueError if the states are
     not of the kind ``logdensity_fn`` runs."""
@@ -140,8 +263,9 @@ def recompute_logdensity(logdensity_fn, states) -> Array:
             f"{type(states).__name__}."
         )
     if estimated:
-        return jax.jit(jax.vmap(logdensity_fn.logdensity_estimator))(states.position, states.u)
-    return init_states(logdensity_fn, states.position).logdensity
+        estimator = _bound(logdensity_fn, tuple(logdensity_args)).logdensity_estimator
+        return jax.jit(jax.vmap(estimator))(states.position, states.u)
+    return init_states(logdensity_fn, states.position, logdensity_args=logdensity_args).logdensity
 
 
 def initial_state(
@@ -152,6 +276,7 @@ def initial_state(
     dense=True,
     cov_name="proposal_cov",
     warmup_key=None,
+    logdensity_args=(),
 ):
     """Batched chain states and a fresh :class:`rwmh.tuning.AdaptationState` for ``positions``.
 
@@ -166,19 +291,23 @@ def initial_state(
     covariance = proposal_cov.covariance
     keys = None
     if isinstance(logdensity_fn, EstimatedLogDensity):
-        logdensity_fn.check(jax.tree_util.tree_map(lambda x: x[0], positions))
+        one = jax.tree_util.tree_map(lambda x: x[0], positions)
+        _bound(logdensity_fn, tuple(logdensity_args)).check(one)
         num_chains = jax.tree_util.tree_leaves(positions)[0].shape[0]
         keys = init_keys(warmup_key, num_chains)
-    return _initial_state(logdensity_fn, positions, step_size, covariance, dense, keys)
 
+    def build(bind):
+        def initial_state(positions, step_size, proposal_cov, dense, keys, args):
+            states = _init_batch(bind(args), positions, keys)
+            flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
+            dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
+            adapt = tuning.init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
+            return states, adapt
 
-@partial(jax.jit, static_argnames=("logdensity_fn", "dense"))
-def _initial_state(logdensity_fn, positions, step_size, proposal_cov, dense, keys=None):
-    states = init_states(logdensity_fn, positions, keys)
-    flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
-    dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
-    adapt = tuning.init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
-    return states, adapt
+        return jax.jit(initial_state, static_argnames=("dense",))
+
+    program = _program(logdensity_fn, "initial_state", build)
+    return program(positions, step_size, covariance, dense, keys, tuple(logdensity_args))
 
 
 def warmup_loop(
@@ -233,12 +362,45 @@ def warmup_loop(
     return states, adaptation_state, info
 
 
-@partial(jax.jit, static_argnames=("logdensity_fn", "target_acceptance_rate"))
-def run_warmup(logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule):
-    """Compiled :func:`warmup_loop`, cached per log density and array shapes."""
-    return warmup_loop(
-        logdensity_fn, target_acceptance_rate, keys, states, adapt, step_indices, schedule
+def run_warmup(
+    logdensity_fn,
+    target_acceptance_rate,
+    keys,
+    states,
+    adapt,
+    step_indices,
+    schedule,
+    chain_mask=None,
+    *,
+    logdensity_args=(),
+    jit_options=None,
+):
+    """Compiled :func:`warmup_loop`, cached per log density (see "Compiled programs") and
+    array shapes; ``jit_options`` (hashable pairs, such as sharded outputs) go to ``jax.jit``."""
+    options = dict(jit_options or ())
+
+    def build(bind):
+        def run_warmup(target_acceptance_rate, keys, states, adapt, steps, schedule, mask, args):
+            return warmup_loop(
+                bind(args), target_acceptance_rate, keys, states, adapt, steps, schedule, mask
+            )
+
+        return jax.jit(run_warmup, static_argnums=(0,), **options)
+
+    program = _program(logdensity_fn, ("warmup", jit_options), build)
+    return program(
+        target_acceptance_rate,
+        keys,
+        states,
+        adapt,
+        step_indices,
+        schedule,
+        chain_mask,
+        tuple(logdensity_args),
     )
+
+
+run_warmup._cache_size = lambda: _cache_size("warmup")
 
 
 def sampling_loop(
@@ -283,9 +445,35 @@ def sampling_loop(
     return jax.lax.scan(one_draw, states, jnp.arange(num_draws, dtype=jnp.uint32))
 
 
-@partial(jax.jit, static_argnames=("logdensity_fn", "num_draws", "thin"))
-def run_sampling(logdensity_fn, num_draws, thin, keys, states, step_size, proposal, first_step):
-    """Compiled :func:`sampling_loop`, cached per log density and array shapes."""
-    return sampling_loop(
-        logdensity_fn, num_draws, thin, keys, states, step_size, proposal, first_step
+def run_sampling(
+    logdensity_fn,
+    num_draws,
+    thin,
+    keys,
+    states,
+    step_size,
+    proposal,
+    first_step,
+    *,
+    logdensity_args=(),
+    jit_options=None,
+):
+    """Compiled :func:`sampling_loop`, cached per log density (see "Compiled programs") and
+    array shapes; ``jit_options`` as in :func:`run_warmup`."""
+    options = dict(jit_options or ())
+
+    def build(bind):
+        def run_sampling(num_draws, thin, keys, states, step_size, proposal, first_step, args):
+            return sampling_loop(
+                bind(args), num_draws, thin, keys, states, step_size, proposal, first_step
+            )
+
+        return jax.jit(run_sampling, static_argnums=(0, 1), **options)
+
+    program = _program(logdensity_fn, ("sampling", jit_options), build)
+    return program(
+        num_draws, thin, keys, states, step_size, proposal, first_step, tuple(logdensity_args)
     )
+
+
+run_sampling._cache_size = lambda: _cache_size("sampling")

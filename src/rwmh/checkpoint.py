@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
+from collections import OrderedDict
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwmh import tuning
+from rwmh import checks, tuning
 from rwmh.kernel import FactoredCov, RWMHState
 from rwmh.pmmh import PseudoMarginalState
 from rwmh.run import PHASES, Run, Settings
@@ -64,6 +64,8 @@ def check_path(path) -> str:
     path = os.fspath(path)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    if not os.path.basename(path):
+        raise ValueError(f"checkpoint must name a file; got {path!r}.")
     if os.path.isdir(path):
         raise ValueError(f"checkpoint must be a file path; {path!r} is a directory.")
     directory = os.path.dirname(os.path.abspath(path))
@@ -138,11 +140,14 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist or is not a file.")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("it holds a single .npy array, not an .npz archive")
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single .npy array, not an .npz archive")
+        with archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+    except Exception as error:
+        # Whatever the damage (a torn zip directory raises NotImplementedError for an unknown
+        # compression, RuntimeError for the encryption flag, zlib.error, ...), it is this file.
         raise ValueError(
             f"checkpoint {path!r} is not a readable rwmh checkpoint (truncated, corrupt or "
             f"another kind of file): {type(error).__name__}: {error}"
@@ -172,16 +177,21 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
 def encode_tree(tree) -> tuple[Any, list]:
     """Describe a PyTree of arrays as JSON and list its leaves in the same order.
 
-    Supported containers are dicts with string keys, lists and tuples, nested freely; any
-    other node (a NamedTuple, a registered class) raises ``TypeError``, because rebuilding it
-    would need to import and call arbitrary code, which checkpoints never do.
+    Supported containers are dicts and ``OrderedDict`` objects with string keys, lists and
+    tuples, nested freely; any other node (a NamedTuple, a registered class) raises
+    ``TypeError``, because rebuilding it would need to import and call arbitrary code, which
+    checkpoints never do.
     """
     leaves: list = []
 
     def encode(node):
-        if isinstance(node, dict):
+        if type(node) in (dict, OrderedDict):
             if not all(isinstance(key, str) for key in node):
                 raise TypeError("checkpoint: position dicts must have string keys.")
+            if type(node) is OrderedDict:
+                # JAX flattens an OrderedDict in insertion order (a dict in sorted order):
+                # the order of the saved covariance's rows.
+                return {"ordered_dict": [[key, encode(value)] for key, value in node.items()]}
             return {"dict": [[key, encode(node[key])] for key in sorted(node)]}
         if isinstance(node, (list, tuple)) and type(node) in (list, tuple):
             return {type(node).__name__: [encode(item) for item in node]}
@@ -203,6 +213,8 @@ def decode_tree(structure, leaves: list):
         return leaves[content]
     if kind == "dict":
         return {key: decode_tree(item, leaves) for key, item in content}
+    if kind == "ordered_dict":
+        return OrderedDict((key, decode_tree(item, leaves)) for key, item in content)
     if kind in ("list", "tuple"):
         items = [decode_tree(item, leaves) for item in content]
         return items if kind == "list" else tuple(items)
@@ -286,14 +298,21 @@ def load(path) -> Run:
     try:
         settings = Settings.from_dict(metadata["settings"])
         num_chains = settings.num_chains
-        phase, next_step = metadata["phase"], int(metadata["next_step"])
+        phase = metadata["phase"]
+        next_step = checks.check_int(metadata["next_step"], "next_step", 0)
         structure = metadata["position_structure"]
         key_meta = metadata["rng_key"]
         optional = set(metadata["optional"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise fail(f"its metadata lacks or garbles {error}") from None
+    except KeyError as error:
+        raise fail(f"its metadata lacks {error}") from None
+    except (TypeError, ValueError) as error:
+        raise fail(f"its metadata is invalid: {str(error).rstrip('.')}") from None
     if phase not in PHASES:
         raise fail(f"unknown phase {phase!r}")
+    last_step = settings.num_warmup if phase == "warmup" else settings.num_samples
+    first_step = settings.num_samples if phase == "done" else 0
+    if not first_step <= next_step <= last_step:
+        raise fail(f"next_step {next_step} is outside [{first_step}, {last_step}] in {phase}")
 
     def array(name):
         if name not in arrays:

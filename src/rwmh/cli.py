@@ -222,6 +222,11 @@ def fit_regression(
     ArviZ data whose ``posterior`` holds ``intercept``, ``slope`` and ``sigma`` (constrained,
     ``sigma > 0``) and whose ``sample_stats`` holds the sampler's statistics.
 
+    Raises
+    ------
+    KeyboardInterrupt
+        On Ctrl-C, saying how many draws were made: a partial run is not returned as a fit.
+
     Examples
     --------
     >>> import numpy as np
@@ -261,15 +266,23 @@ def fit_regression(
     def logdensity(position):
         return -potential_fn(position)
 
-    result = rwmh.sample(
-        sample_key,
-        logdensity,
-        init_params.z,
-        num_samples=num_samples,
-        num_warmup=num_warmup,
-        progress_bar=progress_bar,
-        until=until,
-    )
+    with warnings.catch_warnings():
+        # Said below, in the command line's own words.
+        warnings.filterwarnings("ignore", "rwmh.sample was interrupted", RuntimeWarning)
+        result = rwmh.sample(
+            sample_key,
+            logdensity,
+            init_params.z,
+            num_samples=num_samples,
+            num_warmup=num_warmup,
+            progress_bar=progress_bar,
+            until=until,
+        )
+    if result.extra.get("interrupted"):
+        # A part of the run is no fit: never summarise or save it as one.
+        raise KeyboardInterrupt(
+            f"after {result.num_draws} of {num_samples} draws per chain; nothing was written"
+        )
     constrained = jax.vmap(jax.vmap(postprocess_fn))(result.positions)
     constrained = {name: constrained[name] for name in REGRESSION_VARIABLES}
     stats = dict(result.stats)
@@ -372,10 +385,17 @@ def _regress(args) -> int:
             file=sys.stderr,
         )
     if args.out is not None:
+        # Written next to it and renamed, so that Ctrl-C or a full disk never leaves a torn
+        # file under the name of a complete fit.
+        partial = f"{args.out}.partial"
         try:
-            idata.to_netcdf(args.out)
+            idata.to_netcdf(partial)
+            os.replace(partial, args.out)
         except OSError as error:
             raise InputError(f"--out {args.out!r}: cannot write: {error}") from None
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
         print(f"wrote {args.out}")
     if args.plot is not None:
         try:
@@ -475,8 +495,9 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C is an answer, not a crash: no traceback
-        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C is an answer, not a crash: no traceback
+        detail = f" {interrupt}" if str(interrupt) else ""
+        print(f"{parser.prog} {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
 
 

@@ -8,7 +8,7 @@ the functions of :mod:`rwmh.chains` as they are, or compiled for sharded inputs 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -143,16 +143,21 @@ class Layout:
 
     def warmup_fn(self):
         """The compiled :func:`rwmh.chains.warmup_loop` for this layout."""
-        return chains.run_warmup if self.mesh is None else sharded_warmup(self.mesh)
+        if self.mesh is None:
+            return chains.run_warmup
+        return partial(chains.run_warmup, jit_options=sharded_warmup(self.mesh))
 
     def sampling_fn(self):
         """The compiled :func:`rwmh.chains.sampling_loop` for this layout."""
-        return chains.run_sampling if self.mesh is None else sharded_sampling(self.mesh)
+        if self.mesh is None:
+            return chains.run_sampling
+        return partial(chains.run_sampling, jit_options=sharded_sampling(self.mesh))
 
 
 @lru_cache(maxsize=8)
 def sharded_warmup(mesh: Mesh):
-    """:func:`rwmh.chains.warmup_loop` compiled for chains sharded over ``mesh``.
+    """The ``jax.jit`` options of :func:`rwmh.chains.warmup_loop` for chains sharded over
+    ``mesh`` (:func:`rwmh.chains.run_warmup` compiles it with them).
 
     The same function as the unsharded run, under ``jit`` with sharded inputs and outputs:
     XLA partitions the vmapped steps by chain and turns the pooled sums of
@@ -169,17 +174,13 @@ def sharded_warmup(mesh: Mesh):
     by_chain = NamedSharding(mesh, P(CHAIN_AXIS))
     replicated = NamedSharding(mesh, P())
     info = tuning.AdaptationInfo(NamedSharding(mesh, P(None, CHAIN_AXIS)), replicated, replicated)
-    return jax.jit(
-        chains.warmup_loop,
-        static_argnums=(0, 1),
-        out_shardings=(by_chain, replicated, info),
-    )
+    return (("out_shardings", (by_chain, replicated, info)),)
 
 
 @lru_cache(maxsize=8)
 def sharded_sampling(mesh: Mesh):
-    """:func:`rwmh.chains.sampling_loop` compiled for chains sharded over ``mesh``: no
-    collectives, each device steps its own chains."""
+    """The ``jax.jit`` options of :func:`rwmh.chains.sampling_loop` for chains sharded over
+    ``mesh``: no collectives, each device steps its own chains."""
     by_chain = NamedSharding(mesh, P(CHAIN_AXIS))
     draws = NamedSharding(mesh, P(None, CHAIN_AXIS))
-    return jax.jit(chains.sampling_loop, static_argnums=(0, 1, 2), out_shardings=(by_chain, draws))
+    return (("out_shardings", (by_chain, draws)),)

@@ -393,14 +393,19 @@ def accept_reject(log_uniform: Array, state, proposal) -> tuple[Any, RWMHInfo]:
     pseudo-marginal state of :mod:`rwmh.pmmh`, whose ``logdensity`` is an
     estimate) with a scalar ``logdensity`` field; ``log_uniform`` is the log of a uniform
     draw. The proposal is accepted when ``log_uniform < proposal.logdensity -
-    state.logdensity``, never when its log density is NaN or infinite, and the new state is
-    the proposal or ``state``, field by field. Returns ``(new_state, RWMHInfo)``.
+    state.logdensity``, never when its log density is NaN or infinite or its position holds a
+    non-finite value, and the new state is the proposal or ``state``, field by field. Returns
+    ``(new_state, RWMHInfo)``.
     """
     proposal_logdensity = proposal.logdensity.astype(jnp.result_type(state.logdensity))
     proposal = proposal._replace(logdensity=proposal_logdensity)
 
     log_ratio = proposal_logdensity - state.logdensity
-    admissible = jnp.isfinite(proposal_logdensity) & ~jnp.isnan(log_ratio)
+    # A step that overflowed (a position at +-inf or NaN) is never a draw, whatever the log
+    # density says there: a flat or saturating target is finite at infinity.
+    leaves = jax.tree_util.tree_leaves(proposal.position)
+    position_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+    admissible = jnp.isfinite(proposal_logdensity) & ~jnp.isnan(log_ratio) & position_finite
     is_accepted = admissible & (log_uniform < log_ratio)
     acceptance_rate = jnp.where(
         admissible, jnp.exp(jnp.minimum(log_ratio, 0.0)), jnp.zeros_like(log_ratio)

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rwmh import tuning
+from rwmh import checks, tuning
 from rwmh.kernel import FactoredCov, RWMHState
 
 __all__ = ["PHASES", "Run", "Settings"]
@@ -47,21 +47,25 @@ class Settings:
 
     @classmethod
     def from_dict(cls, values: dict) -> Settings:
-        """Settings from :meth:`to_dict`'s output; ``KeyError`` or ``TypeError`` if garbled."""
-        num_chains = int(values["num_chains"])
+        """Settings from :meth:`to_dict`'s output, validated as :func:`rwmh.sample` validates
+        its arguments (a checkpoint may have been edited); ``KeyError`` for a missing field,
+        ``TypeError`` or ``ValueError`` naming a bad one."""
         chunk_size = values["chunk_size"]
-        target = values["target_acceptance_rate"]
+        if chunk_size is not None:
+            chunk_size = checks.check_int(chunk_size, "chunk_size", 1)
         return cls(
-            num_chains=num_chains,
-            num_samples=int(values["num_samples"]),
-            num_warmup=int(values["num_warmup"]),
-            thin=int(values["thin"]),
-            chunk_size=None if chunk_size is None else int(chunk_size),
-            target_acceptance_rate=None if target is None else float(target),
-            dense=bool(values["dense"]),
-            restart_stranded=bool(values["restart_stranded"]),
+            num_chains=checks.check_int(values["num_chains"], "num_chains", 1),
+            num_samples=checks.check_int(values["num_samples"], "num_samples", 1),
+            num_warmup=checks.check_int(values["num_warmup"], "num_warmup", 0),
+            thin=checks.check_int(values["thin"], "thin", 1),
+            chunk_size=chunk_size,
+            target_acceptance_rate=checks.check_probability(
+                values["target_acceptance_rate"], "target_acceptance_rate"
+            ),
+            dense=checks.check_bool(values["dense"], "dense"),
+            restart_stranded=checks.check_bool(values["restart_stranded"], "restart_stranded"),
             until=values.get("until"),
-            auto_warmup=bool(values.get("auto_warmup", False)),
+            auto_warmup=checks.check_bool(values.get("auto_warmup", False), "auto_warmup"),
         )
 
 

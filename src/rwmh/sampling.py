@@ -11,15 +11,17 @@ with ``checkpoint=``, saved (:mod:`rwmh.checkpoint`), from where :func:`resume` 
 Which key each chain uses at each step is decided in :mod:`rwmh.chains` alone; the draws
 therefore depend neither on the chunking nor on the device layout.
 
-The scans are compiled once per log density and array shapes and cached by ``jax.jit``: a
-second call with the same ``logdensity_fn`` (the same Python object) and the same shapes does
-not compile again.
+The scans are compiled once per log density and array shapes (:mod:`rwmh.chains`, "Compiled
+programs"): a second call with the same ``logdensity_fn`` (the same Python object) and the
+same shapes does not compile again, whatever the values of ``logdensity_args``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,21 +157,57 @@ def _save(run: Run, layout: Layout, path) -> None:
 
 
 class _InFlight:
-    """The chunk dispatched to the device but not yet recorded: at most one."""
+    """The chunks dispatched to the device but not yet recorded, oldest first.
+
+    A chunk leaves the queue only once its record step has run to the end. Ctrl-C raises
+    ``KeyboardInterrupt`` at whatever line runs when it arrives, most often inside a record
+    step, which blocks on the device; the chunk it was recording stays queued, and so does
+    the one dispatched after it, and :meth:`finish` records both again from the start (a record
+    step only copies and overwrites, so running it twice is harmless).
+    """
 
     def __init__(self):
-        self._pending = None
+        self._queue = []
+        #: Ctrl-C presses seen by :meth:`defer_ctrl_c`'s handler.
+        self.interrupts = 0
+        self._previous_handler = None
+
+    def defer_ctrl_c(self) -> None:
+        """Turn the first Ctrl-C into a stop at the next chunk boundary (:func:`_run_phase`
+        raises ``KeyboardInterrupt`` there, once every chunk dispatched is recorded); the
+        second raises at once. Only from the main thread and over Python's own handler:
+        elsewhere Ctrl-C raises where it lands, and the queue keeps what it interrupted."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+
+        def handler(signum, frame):
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+
+        self._previous_handler = signal.signal(signal.SIGINT, handler)
+
+    def restore_ctrl_c(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
 
     def hold(self, record: Callable, *arguments) -> None:
-        """Record the chunk held so far, then hold this one."""
-        self.finish()
-        self._pending = (record, arguments)
+        """Queue this chunk, then record every chunk queued before it."""
+        self._queue.append((record, arguments))
+        self._record(keep=1)
 
     def finish(self) -> None:
-        """Record the chunk held, if any, once the device finishes it."""
-        if self._pending is not None:
-            (record, arguments), self._pending = self._pending, None
+        """Record every chunk queued, each once the device finishes it."""
+        self._record(keep=0)
+
+    def _record(self, keep: int) -> None:
+        while len(self._queue) > keep:
+            record, arguments = self._queue[0]
             record(*arguments)
+            self._queue.pop(0)
 
 
 def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFlight) -> None:
@@ -177,9 +215,12 @@ def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFligh
     one runs, so the device never waits for the host; ``run`` only ever holds recorded
     chunks, whatever interrupts the loop."""
     for first, length in pieces:
-        outputs = dispatch(first, length)
-        in_flight.hold(record, first, length, *outputs)
+        in_flight.hold(record, first, length, *dispatch(first, length))
+        if in_flight.interrupts:
+            break
     in_flight.finish()
+    if in_flight.interrupts:
+        raise KeyboardInterrupt
 
 
 def _auto_warmup(run: Run, layout: Layout) -> warmup_length.AutoWarmup:
@@ -254,7 +295,9 @@ class _Stopping:
             run.stop = {"reason": "cap", **report}
 
 
-def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, show):
+def _drive(
+    run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, show, logdensity_args=()
+):
     """Run ``run`` from where it stands to the end, chunk by chunk.
 
     After every chunk the draws go to the host and, with ``checkpoint_path``, the whole run is
@@ -268,6 +311,8 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
     in_flight = _InFlight()
     # The device side of the run: the latest dispatched states (and adaptation state).
     carry = {"states": run.states, "adapt": run.adapt}
+    args = layout.replicated(logdensity_args)
+    in_flight.defer_ctrl_c()
     try:
         if run.phase == "warmup":
             run_warmup = layout.warmup_fn()
@@ -296,6 +341,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
                     layout.replicated(np.arange(first, first + length, dtype=np.uint32)),
                     layout.replicated(schedule.steps(first, length)),
                     *mask,
+                    logdensity_args=args,
                 )
                 return carry["states"], carry["adapt"], info
 
@@ -331,6 +377,7 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
                 step_size,
                 proposal,
                 layout.replicated(np.asarray(first * thin, np.uint32)),
+                logdensity_args=args,
             )
             return carry["states"], draws
 
@@ -362,10 +409,13 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
         bar.close()
     except KeyboardInterrupt:
         try:
-            # Dispatched before the stop, the chunk in flight belongs to the completed draws.
-            in_flight.finish()
+            # Dispatched before the stop, the chunks in flight belong to the completed draws,
+            # the one being recorded when Ctrl-C arrived included; a second Ctrl-C (the first
+            # deferred, or this one raised) stops now, without them.
+            if in_flight.interrupts < 2:
+                in_flight.finish()
         except KeyboardInterrupt:
-            pass  # a second Ctrl-C: stop now, without the chunk in flight
+            pass
 
         bar.close()
         warnings.warn(
@@ -391,26 +441,70 @@ def _drive(run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, s
             f"{run.next_step}) are in this exception's partial_result attribute."
         )
         raise
+    finally:
+        in_flight.restore_ctrl_c()
     return _result(run, layout)
 
 
-def _check_logdensity(path, logdensity_fn, states) -> None:
-    """Refuse to resume with a log density other than the one the run was sampling."""
-    count = min(4, np.shape(states.logdensity)[0])
-    first = jax.tree_util.tree_map(lambda x: jnp.asarray(x[:count]), states)
+#: Rounding allowed between the saved and the recomputed log density of a chain, in units of
+#: the float epsilon of its magnitude. The same function evaluated by another compiled program
+#: (another batch size, another device layout) differed by at most 0.54 of these on a 1e5-point
+#: float32 regression; anything beyond 64 is another target.
+_RESUME_ULPS = 64
+
+
+def _check_logdensity(path, logdensity_fn, states, logdensity_args=()) -> None:
+    """Refuse to resume with a log density other than the one the run was sampling.
+
+    Every chain's log density is recomputed at its saved position and must equal the saved
+    value to rounding: ``|now - saved| <= 64 eps max(1, |saved|, |now|)``, an absolute bound
+    that scales with the values' float precision (a relative tolerance such as 1e-3 lets a
+    log density near -1e5 change by 100). A constant offset is refused too, although it is the
+    same posterior: the saved states carry the old values, the ``lp`` of the resumed draws
+    would not continue those before, and the resumed run would no longer be the
+    uninterrupted one; the message says it is a constant.
+    """
+    on_device = jax.tree_util.tree_map(jnp.asarray, states)
     try:
-        recomputed = np.asarray(chains.recompute_logdensity(logdensity_fn, first))
+        recomputed = np.asarray(
+            chains.recompute_logdensity(logdensity_fn, on_device, logdensity_args)
+        )
     except ValueError as error:
         raise ValueError(f"checkpoint {path!r}: {error}") from None
-    saved = np.asarray(states.logdensity[:count])
-    if not np.allclose(recomputed, saved, rtol=1e-3, atol=1e-3, equal_nan=True):
-        raise ValueError(
-            f"checkpoint {path!r}: logdensity_fn does not match the run that wrote it (log "
-            f"densities at the saved positions: {recomputed} now, {saved} in the file)."
-        )
+    saved = np.asarray(states.logdensity)
+    eps = np.finfo(saved.dtype).eps if np.issubdtype(saved.dtype, np.floating) else 0.0
+    difference = recomputed.astype(np.float64) - saved.astype(np.float64)
+    scale = np.maximum(1.0, np.maximum(np.abs(saved), np.abs(recomputed)))
+    tolerance = _RESUME_ULPS * eps * scale
+    wrong = ~(np.abs(difference) <= tolerance)
+    if not wrong.any():
+        return
+    chains_ = np.flatnonzero(wrong)
+    shown = ", ".join(str(c) for c in chains_[:8]) + (", ..." if chains_.size > 8 else "")
+    offset = difference - np.median(difference)
+    # Only for the message: a constant is told apart from a change to rounding (8 eps).
+    constant = np.all(np.isfinite(difference)) and np.all(np.abs(offset) <= 8 * eps * scale)
+    why = (
+        f"it differs by a constant, {np.median(difference):.6g}, at every saved position (the "
+        "same posterior, but the saved states and lp were computed without it)"
+        if constant
+        else f"at the saved positions of chains {shown} it gives {recomputed[chains_[:4]]}, "
+        f"the file {saved[chains_[:4]]}"
+    )
+    raise ValueError(
+        f"checkpoint {path!r}: logdensity_fn does not match the run that wrote it: {why}; "
+        "resume with the log density the run was sampling."
+    )
 
 
-def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = True):
+def resume(
+    path,
+    logdensity_fn: Callable,
+    *,
+    logdensity_args=(),
+    devices=None,
+    progress_bar: bool = True,
+):
     """Finish a run of :func:`rwmh.sample` from its checkpoint.
 
     The draws are identical to those of the run without interruption: every random number
@@ -423,9 +517,10 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
     ----------
     path
         The ``checkpoint=`` file of the interrupted run.
-    logdensity_fn
-        The log density the run was sampling (functions cannot be stored safely, so it is
-        given again; a mismatch at the saved positions raises ``ValueError``).
+    logdensity_fn, logdensity_args
+        The log density the run was sampling and its extra arguments (functions and data are
+        not stored, so they are given again; a mismatch at the saved positions raises
+        ``ValueError``).
     devices
         As in :func:`rwmh.sample`; it need not be the layout of the interrupted run.
     progress_bar
@@ -455,11 +550,12 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or PathLike); got {type(path).__name__}.")
     checks.check_callable(logdensity_fn)
+    logdensity_args = chains.check_logdensity_args(logdensity_args)
     progress_bar = checks.check_bool(progress_bar, "progress_bar")
     mesh = resolve_devices(devices)
     path = os.fspath(path)
     run = checkpoint_file.load(path)
-    _check_logdensity(path, logdensity_fn, run.states)
+    _check_logdensity(path, logdensity_fn, run.states, logdensity_args)
     layout = Layout(mesh, run.settings.num_chains)
     run.states = layout.chains(run.states)
     run.adapt = layout.replicated(run.adapt)
@@ -467,7 +563,8 @@ def resume(path, logdensity_fn: Callable, *, devices=None, progress_bar: bool = 
         run.start_sampling()
     if run.phase == "done":
         return _result(run, layout, stacklevel=3)
-    return _drive(run, logdensity_fn, layout, checkpoint_file.check_path(path), progress_bar)
+    path = checkpoint_file.check_path(path)
+    return _drive(run, logdensity_fn, layout, path, progress_bar, logdensity_args)
 
 
 def sample(
@@ -480,6 +577,7 @@ def sample(
     step_size=None,
     proposal_cov=None,
     *,
+    logdensity_args=(),
     target_acceptance_rate: float | None = None,
     dense: bool = True,
     restart_stranded: bool = True,
@@ -497,10 +595,12 @@ def sample(
     rng_key
         A typed key (``jax.random.key``) or a legacy ``jax.random.PRNGKey``.
     logdensity_fn
-        Log density of the target for one position (a PyTree), returning a scalar; or an
-        :class:`rwmh.EstimatedLogDensity`, a log density estimated by simulation, which runs
-        the pseudo-marginal kernel (:mod:`rwmh.pmmh`: the states carry the
-        estimate and its ``u``, ``stats["lp"]`` is the estimate).
+        Log density of the target for one position (a PyTree), returning a scalar, called as
+        ``logdensity_fn(position, *logdensity_args)``; or an :class:`rwmh.EstimatedLogDensity`,
+        a log density estimated by simulation, which runs the pseudo-marginal kernel
+        (:mod:`rwmh.pmmh`: the states carry the estimate and its ``u``, ``stats["lp"]`` is the
+        estimate; its estimator is called as ``logdensity_estimator(position, u,
+        *logdensity_args)``).
     initial_positions
         A PyTree whose leaves carry a leading chain axis: ``(num_chains, ...)``.
     num_samples
@@ -517,6 +617,13 @@ def sample(
     thin
         Keep every ``thin``-th state; the chains take ``num_samples * thin`` steps. Thinning
         happens inside the compiled loop: the skipped states never reach memory.
+    logdensity_args
+        Extra arguments of ``logdensity_fn``, a tuple of arrays or PyTrees of arrays (the
+        data), as NumPyro's model arguments or scipy's ``args=``. They are traced: one
+        compiled program serves every data set of the same shapes. Values the function
+        captures instead (globals, closures, attributes) are read once, when the program is
+        compiled for that function object, and changing them later has no effect (see the
+        README, "Data and closures").
     step_size, proposal_cov
         Starting values for warmup, or the parameters used when ``num_warmup == 0``. Default:
         ``2.38 / sqrt(d)`` and the identity.
@@ -569,12 +676,14 @@ def sample(
     :class:`SampleResult` with ``positions`` (leaves ``(chain, draw, ...)``), ``stats``,
     ``parameters``, ``last_state`` and ``to_inference_data()``.
 
-    Interrupting (Ctrl-C, ``KeyboardInterrupt``) returns the draws of the chunks completed so
-    far, with a ``RuntimeWarning`` and ``result.extra["interrupted"] = True``, as PyMC does.
-    The driver keeps one chunk running on the device while it copies the previous one; after
-    Ctrl-C it waits for that chunk and keeps it (a second Ctrl-C stops at once without it). A
-    chunk being copied when Ctrl-C arrives is lost. Any other exception carries that partial
-    result as its ``partial_result`` attribute.
+    Interrupting (Ctrl-C, ``KeyboardInterrupt``) returns every draw computed before it, with a
+    ``RuntimeWarning`` and ``result.extra["interrupted"] = True``, as PyMC does. A compiled
+    chunk cannot be stopped halfway, so Ctrl-C takes effect when the chunks already dispatched
+    to the device (the one running and at most one queued after it) have finished; their draws
+    are returned with everything before them. With ``chunk_size=None`` and no progress bar a
+    phase is one chunk: Ctrl-C during sampling then returns all draws once that chunk ends. A
+    second Ctrl-C stops at once, without the unfinished chunks. Any other exception carries the
+    partial result as its ``partial_result`` attribute.
 
     Examples
     --------
@@ -589,6 +698,7 @@ def sample(
     checks.check_callable(logdensity_fn)
     if num_samples is None:
         num_samples = DEFAULT_NUM_SAMPLES if until is None else convergence.DEFAULT_CAP
+    logdensity_args = chains.check_logdensity_args(logdensity_args)
     num_samples = checks.check_int(num_samples, "num_samples", 1)
     auto_warmup = isinstance(num_warmup, str) and num_warmup == "auto"
     if auto_warmup:
@@ -634,6 +744,7 @@ def sample(
         proposal,
         dense,
         warmup_key=chains.phase_keys(rng_key)[0],
+        logdensity_args=logdensity_args,
     )
     checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")
     settings = Settings(
@@ -653,4 +764,4 @@ def sample(
         run.parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
         run.proposal = proposal
         run.phase = "sampling"
-    return _drive(run, logdensity_fn, layout, checkpoint, progress_bar)
+    return _drive(run, logdensity_fn, layout, checkpoint, progress_bar, logdensity_args)
