@@ -465,6 +465,8 @@ def sample(
     progress_bar = checks.check_bool(progress_bar, "progress_bar")
     num_chains = checks.check_chain_axis(initial_positions, "initial_positions")
     checks.check_float_positions(initial_positions, "initial_positions", batched=True)
+    checks.check_dimension(initial_positions, "initial_positions", batched=True)
+    check_step_size(step_size, dtype=jnp.result_type(*jax.tree_util.tree_leaves(initial_positions)))
     mesh = resolve_devices(devices)
     if checkpoint is not None:
         checkpoint = checkpoint_file.check_path(checkpoint)
