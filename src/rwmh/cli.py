@@ -27,6 +27,8 @@ MIN_ROWS = 3
 #: The built-in data: ``simulate_linear_regression(PRNGKey(SIMULATION_SEED), SIMULATION_SIZE)``.
 SIMULATION_SEED = 0
 SIMULATION_SIZE = 100
+#: Largest ``--seed``: ``jax.random.PRNGKey`` takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
 #: Largest float32; JAX's default precision.
 FLOAT32_MAX = 3.4028234663852886e38
 #: ``rwmh regress`` warns when a variable's R-hat is above this (Vehtari et al. 2021).
@@ -47,9 +49,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _count(minimum: int):
-    """An argparse type: an integer >= ``minimum``, with a message argparse prefixes with the
-    option's name."""
+def _count(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``), with a message argparse
+    prefixes with the option's name."""
 
     def parse(text: str) -> int:
         try:
@@ -60,6 +62,10 @@ def _count(minimum: int):
             ) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {minimum} to {maximum}; got {value}"
+            )
         return value
 
     return parse
@@ -271,6 +277,13 @@ def _check_output(path: str | None, option: str) -> None:
 def _regress(args) -> int:
     _check_output(args.out, "--out")
     _check_output(args.plot, "--plot")
+    if args.plot is not None:
+        from rwmh.arviz import plot_format
+
+        try:
+            plot_format(args.plot)
+        except ValueError as error:
+            raise InputError(f"--plot: {error}") from None
     if args.csv is None:
         import jax
 
@@ -353,9 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     regress.add_argument(
         "--warmup", type=_count(0), default=1000, metavar="N", help="warmup steps (1000)"
     )
-    regress.add_argument("--seed", type=_count(0), default=0, metavar="N", help="default 0")
+    regress.add_argument(
+        "--seed", type=_count(0, MAX_SEED), default=0, metavar="N", help="default 0"
+    )
     regress.add_argument("--out", metavar="FILE.nc", help="write the ArviZ data as netCDF")
-    regress.add_argument("--plot", metavar="FILE.png", help="write trace and posterior plots")
+    regress.add_argument(
+        "--plot", metavar="FILE.png", help="write trace and posterior plots (.png, .jpg, .pdf, .svg)"
+    )
     regress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     regress.add_argument(
         "--no-compilation-cache",
