@@ -33,7 +33,9 @@ def mcse(draws):
 
 
 def run(kernel, *args, num_warmup=20, num_samples=10, seed=0, init_params=None, **kwargs):
-    mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, progress_bar=False, **kwargs)
+    mcmc = MCMC(
+        kernel, num_warmup=num_warmup, num_samples=num_samples, progress_bar=False, **kwargs
+    )
     mcmc.run(jax.random.key(seed), *args, init_params=init_params)
     return mcmc
 
@@ -150,7 +152,11 @@ def test_univariate_normal_scenario():
         return jax.scipy.stats.norm.logpdf(x, 1.0, 2.0)
 
     result = rwmh.sample(
-        jax.random.key(3), logdensity, jnp.zeros(4), num_samples=4000, num_warmup=1000,
+        jax.random.key(3),
+        logdensity,
+        jnp.zeros(4),
+        num_samples=4000,
+        num_warmup=1000,
         progress_bar=False,
     )
     draws = result.positions
@@ -175,7 +181,11 @@ def test_linear_regression_scenario_matches_the_exact_posterior():
         return -0.5 * jnp.sum((y - fitted) ** 2) / noise**2 - 0.5 * jnp.sum(beta**2) / prior_sd**2
 
     result = rwmh.sample(
-        jax.random.key(4), logdensity, jnp.zeros((4, 2)), num_samples=4000, num_warmup=1000,
+        jax.random.key(4),
+        logdensity,
+        jnp.zeros((4, 2)),
+        num_samples=4000,
+        num_warmup=1000,
         progress_bar=False,
     )
     draws = result.positions
@@ -344,7 +354,10 @@ def test_csv_reader_memory_is_a_small_multiple_of_the_file(tmp_path):
     # The rwmh this test imported, in the subprocess too.
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(rwmh.__file__))}
     out = subprocess.run(
-        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env,
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
         check=True,
     ).stdout.split()
     assert int(out[0]) == num_rows
@@ -368,8 +381,12 @@ def final_acceptance(chain_method, num_chains, seed):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mcmc = run(
-            RWMH(gaussian_5d), num_warmup=1000, num_samples=1000, seed=seed,
-            num_chains=num_chains, chain_method=chain_method,
+            RWMH(gaussian_5d),
+            num_warmup=1000,
+            num_samples=1000,
+            seed=seed,
+            num_chains=num_chains,
+            chain_method=chain_method,
         )
     return np.asarray(mcmc.last_state.mean_accept_prob)
 

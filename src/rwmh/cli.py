@@ -391,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     regress.add_argument("--out", metavar="FILE.nc", help="write the ArviZ data as netCDF")
     regress.add_argument(
-        "--plot", metavar="FILE.png", help="write trace and posterior plots (.png, .jpg, .pdf, .svg)"
+        "--plot",
+        metavar="FILE.png",
+        help="write trace and posterior plots (.png, .jpg, .pdf, .svg)",
     )
     regress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     regress.add_argument(

@@ -189,7 +189,7 @@ def _check_potential_shape(potential_energy, batch_shape: tuple) -> None:
     if jnp.shape(potential_energy) != batch_shape:
         raise ValueError(
             "potential_fn must return a scalar potential energy for one position; got shape "
-            f"{jnp.shape(potential_energy)[len(batch_shape):]}. Reduce it, e.g. with jnp.sum."
+            f"{jnp.shape(potential_energy)[len(batch_shape) :]}. Reduce it, e.g. with jnp.sum."
         )
 
 

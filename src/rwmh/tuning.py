@@ -36,9 +36,10 @@ first window has ended, and runs on after that. The value used after warmup is t
 average of the iterates (weights ``t^(-0.75)``, as Stan's dual averaging does), which removes
 the recursion's noise. Letting the recursion run on matters for few chains: restarted at the
 last window end, the final step size rested on the 50 steps of the final phase, and one
-chain's sampling acceptance scattered by 0.045 (sd over seeds) around the target, 0.017 now. The default target acceptance rate
-depends on the dimension: 0.44 in one dimension falling to 0.234 as ``d`` grows (Gelman,
-Roberts & Gilks 1996; Roberts, Gelman & Gilks 1997): ``0.234 + 0.206 exp(-(d - 1) / 2)``.
+chain's sampling acceptance scattered by 0.054 (sd over chains) around the target, 0.021 now.
+The default target acceptance rate depends on the dimension: 0.44 in one dimension falling to
+0.234 as ``d`` grows (Gelman, Roberts & Gilks 1996; Roberts, Gelman & Gilks 1997):
+``0.234 + 0.206 exp(-(d - 1) / 2)``.
 
 Adaptation stops at the end of warmup: the parameters returned are fixed, so that sampling
 afterwards is a valid (time-homogeneous) Markov chain.
