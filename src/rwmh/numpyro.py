@@ -364,6 +364,12 @@ class RWMH(MCMCKernel):
 
     Notes
     -----
+    As NumPyro's own kernels, ``RWMH`` runs models without a continuous latent site (it then
+    returns their deterministic sites, as NUTS does) and serves as a block of
+    ``numpyro.infer.Gibbs``: it takes the constrained start values ``Gibbs`` gives non-HMC
+    blocks, and :meth:`get_constrain_fn` uses the sites' bijections without running the model.
+    Positions must be float32 or float64.
+
     Collected by default: ``z`` (the draws), ``accept_prob`` and ``potential_energy``, which
     ``arviz.from_numpyro`` turns into ``sample_stats.acceptance_rate`` and ``sample_stats.lp``.
     Other fields of :class:`RWMHKernelState` (``step_size``, ``mean_accept_prob``, ...) can be

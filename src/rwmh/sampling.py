@@ -416,7 +416,8 @@ def sample(
     devices
         None: the default device. ``"all"``: every device of ``jax.devices()`` (all processes
         after ``jax.distributed.initialize``). A sequence of devices, or a one-dimensional
-        ``jax.sharding.Mesh``: those devices. The chain axis is sharded over them and the
+        ``jax.sharding.Mesh`` (whatever its axis is called): those devices. The chain axis is
+        sharded over them and the
         warmup statistics are pooled with collective sums; the draws equal those of the
         unsharded run (up to the rounding of the pooled sums, which XLA adds in another order).
         Chain counts that do not divide evenly are padded internally; exactly
