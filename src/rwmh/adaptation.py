@@ -99,6 +99,12 @@ def window_adaptation(
         num_steps = checks.check_int(num_steps, "num_steps", 0)
         num_chains = checks.check_chain_axis(positions, "positions")
         checks.check_float_positions(positions, "positions", batched=True)
+        checks.check_dimension(positions, "positions", batched=True)
+        check_step_size(
+            initial_step_size,
+            "initial_step_size",
+            dtype=jnp.result_type(*jax.tree_util.tree_leaves(positions)),
+        )
         positions = jax.tree_util.tree_map(jnp.asarray, positions)
         states, adapt = chains.initial_state(
             logdensity_fn,

@@ -11,6 +11,7 @@ importing it costs about a second and ``import rwmh`` should not pay that.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ __all__ = [
     "group_names",
     "bind_numpyro_submodules",
     "plot_trace",
+    "plot_format",
     "import_arviz",
     "summary",
     "STAT_NAMES",
@@ -400,8 +402,30 @@ def summary(data, var_names: Sequence[str] | None = None, hdi_prob: float = SUMM
     return table[[*columns, "r_hat"]]
 
 
+#: At most this many components are drawn by :func:`plot_trace`, as ArviZ's
+#: ``rcParams["plot.max_subplots"]`` (40) bounds its own plots: a figure's drawing time and
+#: size grow with every row, and 300 rows took minutes and a 72040-pixel-tall image.
+MAX_TRACE_ROWS = 40
+
+
+def plot_format(path: str) -> str:
+    """The image format that ``path``'s extension names (``"png"``, ``"jpg"``, ``"pdf"``,
+    ``"svg"``, ...), as matplotlib writes them; a ``ValueError`` naming ``path`` when it names
+    none matplotlib can write, so that a wrong name fails before any sampling."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if extension not in supported:
+        raise ValueError(
+            f"path {path!r}: the extension must name an image format matplotlib writes; got "
+            f"{extension or 'none'!r}, expected one of {', '.join(sorted(supported))}."
+        )
+    return extension
+
+
 def plot_trace(data, path: str, var_names: Sequence[str] | None = None, title: str = "") -> None:
-    """Write a PNG with, for every scalar component, its posterior and its trace, per chain.
+    """Write an image with, for every scalar component, its posterior and its trace, per chain.
 
     Drawn with matplotlib (Agg, no window) from the ``posterior`` group rather than with
     ``arviz.plot_trace``, which ArviZ 1.x replaced by ``plot_trace_dist`` with another return
@@ -412,12 +436,21 @@ def plot_trace(data, path: str, var_names: Sequence[str] | None = None, title: s
     data
         ArviZ data with a ``posterior`` group (what :func:`to_inference_data` returns).
     path
-        The PNG file to write.
+        The file to write; its extension gives the format (``.png``, ``.jpg``, ``.pdf``,
+        ``.svg``, ... see :func:`plot_format`).
     var_names
-        Variables to plot, default all; a variable with extra dimensions gets one row per
-        component, labelled ``name[i]`` in C order.
+        A variable name or a list of them, default all; a variable with extra dimensions gets
+        one row per component, labelled ``name[i]`` in C order. At most ``MAX_TRACE_ROWS``
+        components are drawn (the first ones, with a ``UserWarning`` naming how many are left
+        out), as ArviZ bounds its own plots.
     title
         A title over the figure.
+
+    Raises
+    ------
+    ValueError
+        If ``var_names`` is empty or names a variable the posterior lacks, the posterior has
+        no draws, or ``path`` names no image format.
 
     Examples
     --------
@@ -434,19 +467,37 @@ def plot_trace(data, path: str, var_names: Sequence[str] | None = None, title: s
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
+    image_format = plot_format(path)
     posterior = data.posterior
-    names = list(posterior.data_vars) if var_names is None else list(var_names)
+    if var_names is None:
+        names = list(posterior.data_vars)
+    else:
+        # One name, as ArviZ takes it, not a sequence of its letters.
+        names = [var_names] if isinstance(var_names, str) else list(var_names)
+        if not names:
+            raise ValueError("var_names is empty; give at least one variable, or None for all.")
     rows = []
+    total = 0
     for name in names:
         if name not in posterior.data_vars:
             raise ValueError(
                 f"var_names: {name!r} is not in the posterior; it has {list(posterior.data_vars)}."
             )
         values = np.asarray(posterior[name].values)
+        if values.shape[1] == 0:
+            raise ValueError(f"the posterior has no draws of {name!r} to plot.")
         flat = values.reshape(values.shape[0], values.shape[1], -1)
-        for index in range(flat.shape[-1]):
+        total += flat.shape[-1]
+        for index in range(min(flat.shape[-1], MAX_TRACE_ROWS - len(rows))):
             label = name if values.ndim == 2 else f"{name}[{index}]"
             rows.append((label, flat[:, :, index]))
+    if total > len(rows):
+        warnings.warn(
+            f"plot_trace draws the first {len(rows)} of {total} components (MAX_TRACE_ROWS); "
+            "choose the others with var_names.",
+            UserWarning,
+            stacklevel=2,
+        )
     figure = Figure(figsize=(10, 2.4 * len(rows) + 0.4), layout="constrained")
     axes = figure.subplots(len(rows), 2, squeeze=False)
     for (label, values), (density, trace) in zip(rows, axes, strict=True):
@@ -461,4 +512,4 @@ def plot_trace(data, path: str, var_names: Sequence[str] | None = None, title: s
         trace.set_xlabel("draw")
     if title:
         figure.suptitle(title)
-    figure.savefig(path, format="png", dpi=100)
+    figure.savefig(path, format=image_format, dpi=100)

@@ -92,6 +92,7 @@ def check_float_positions(positions, name: str, batched: bool) -> None:
                 f"{name} must hold floating-point arrays (the random walk moves them "
                 f"continuously); got dtype {dtype}. Convert with .astype(float)."
             )
+        check_precision(dtype, name)
         if _is_tracer(leaf):
             continue
         finite = np.isfinite(np.asarray(leaf))
@@ -105,6 +106,44 @@ def check_float_positions(positions, name: str, batched: bool) -> None:
             f"{name}: {_describe_chains(bad)} hold{'s' if bad.sum() == 1 else ''} NaN or infinite "
             "values; every entry of an initial position must be finite."
         )
+
+
+#: The narrowest floating-point type a position may have, in bits.
+MIN_POSITION_BITS = 32
+
+
+def check_precision(dtype, name: str) -> None:
+    """A ``TypeError`` naming ``name`` for positions narrower than float32 (float16, bfloat16).
+
+    Refused rather than sampled: a proposal ``x + s L z`` rounded to an 8- or 11-bit mantissa
+    lands on a grid whose spacing doubles at every power of two, so the rounded proposal is no
+    longer symmetric and the Metropolis-Hastings ratio ``pi(x') / pi(x)`` would no longer leave
+    the target invariant; steps below the grid spacing do not move at all. Computing the
+    acceptance test in float32 would not repair the proposal.
+    """
+    if jnp.finfo(dtype).bits < MIN_POSITION_BITS:
+        raise TypeError(
+            f"{name} has dtype {np.dtype(dtype).name}; the random walk needs float32 or float64 "
+            "positions (rounded to a 16-bit float grid the proposal is not symmetric, so the "
+            "acceptance test would be wrong). Convert with .astype(jnp.float32)."
+        )
+
+
+def check_dimension(positions, name: str, batched: bool) -> int:
+    """The flattened dimension of one position of ``positions`` (without the chain axis when
+    ``batched``); a ``ValueError`` naming ``name`` when it is 0: there is nothing to move, and
+    warmup's step size ``2.38 / sqrt(d)`` has no value."""
+    leaves = jax.tree_util.tree_leaves(positions)
+    shapes = [np.shape(leaf)[1:] if batched else np.shape(leaf) for leaf in leaves]
+    dimension = sum(int(np.prod(shape)) for shape in shapes)
+    if dimension == 0:
+        shown = ", ".join(str(shape) for shape in shapes)
+        raise ValueError(
+            f"{name} has no entries to move: one position flattens to dimension 0 (leaves of "
+            f"shape {shown}{' after the chain axis' if batched else ''}). Give at least one "
+            "continuous parameter."
+        )
+    return dimension
 
 
 def check_finite_logdensity(
@@ -142,10 +181,21 @@ def check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def check_probability(value, name: str):
-    """``value`` as a float, or None; an error naming ``name`` unless it lies in (0, 1)."""
+def check_probability(value, name: str, allow_traced: bool = False):
+    """``value`` as a float, or None; an error naming ``name`` unless it lies in (0, 1).
+
+    With ``allow_traced``, a traced scalar (inside ``jax.jit``, where NumPyro's kernels accept
+    a traced ``target_accept_prob``) is returned as it is, its value unchecked.
+    """
     if value is None:
         return None
+    if allow_traced and _is_tracer(value):
+        if jnp.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(
+                f"{name} must be a scalar number in (0, 1); got a traced array of shape "
+                f"{jnp.shape(value)} and dtype {value.dtype}."
+            )
+        return value
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -174,4 +224,7 @@ def check_chain_axis(positions, name: str) -> int:
         raise ValueError(
             f"{name}: every leaf must have the same leading chain axis; got sizes {sorted(sizes)}."
         )
-    return sizes.pop()
+    num_chains = sizes.pop()
+    if num_chains == 0:
+        raise ValueError(f"{name} must hold at least one chain; its leading chain axis has size 0.")
+    return num_chains

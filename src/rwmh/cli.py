@@ -31,6 +31,10 @@ MIN_ROWS = 3
 #: The built-in data: ``simulate_linear_regression(PRNGKey(SIMULATION_SEED), SIMULATION_SIZE)``.
 SIMULATION_SEED = 0
 SIMULATION_SIZE = 100
+#: Largest ``--seed``: ``jax.random.PRNGKey`` takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+#: Rows of the CSV file held as text at once by :func:`read_xy`.
+CSV_CHUNK_ROWS = 65536
 #: Largest float32; JAX's default precision.
 FLOAT32_MAX = 3.4028234663852886e38
 #: ``rwmh regress`` warns when a variable's R-hat is above this (Vehtari et al. 2021).
@@ -57,9 +61,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _count(minimum: int):
-    """An argparse type: an integer >= ``minimum``, with a message argparse prefixes with the
-    option's name."""
+def _count(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``), with a message argparse
+    prefixes with the option's name."""
 
     def parse(text: str) -> int:
         try:
@@ -70,6 +74,10 @@ def _count(minimum: int):
             ) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {minimum} to {maximum}; got {value}"
+            )
         return value
 
     return parse
@@ -127,22 +135,42 @@ def read_xy(path: str, x_column: str = "x", y_column: str = "y"):
         raise InputError(f"CSV file {path!r} does not exist")
     if os.path.isdir(path):
         raise InputError(f"CSV file {path!r} is a directory")
+    # pandas parses; this function only turns its failures and the values into one-line
+    # messages. Every cell is read as text, the header row included (as row 0, so that pandas
+    # does not rename blank or repeated names) and blank lines kept, so that row i of the file
+    # is line i + 1 and a message can name the line. utf-8-sig: spreadsheets often start a CSV
+    # with a byte-order mark. The text is read CSV_CHUNK_ROWS rows at a time and each chunk's
+    # two columns become floats at once, so that memory holds one chunk of text (Python
+    # strings take tens of bytes each) and the floats, not the whole file as text.
+    values = {x_column: [], y_column: []}
+    header = None
+    num_rows = 0
     try:
-        # pandas parses; this function only turns its failures and the values into one-line
-        # messages. Every cell is read as text, the header row included (as row 0, so that
-        # pandas does not rename blank or repeated names) and blank lines kept, so that row i
-        # of the frame is line i + 1 of the file and a message can name the line.
-        # utf-8-sig: spreadsheets often start a CSV with a byte-order mark.
-        frame = pd.read_csv(
+        reader = pd.read_csv(
             path,
             header=None,
             dtype=str,
             keep_default_na=False,
             skip_blank_lines=False,
             encoding="utf-8-sig",
+            chunksize=CSV_CHUNK_ROWS,
         )
+        with reader:
+            for chunk in reader:
+                cells = chunk.fillna("").apply(lambda column: column.str.strip())
+                if header is None:
+                    header = _check_header(list(cells.iloc[0]), path, x_column, y_column)
+                    cells = cells.iloc[1:]
+                # Blank lines carry no data; skipping them keeps a trailing newline from being
+                # an error.
+                cells = cells[(cells != "").any(axis=1)]
+                num_rows += len(cells)
+                for name in (x_column, y_column):
+                    column = cells.iloc[:, header.index(name)]
+                    parsed = (_parse_cell(cell, name, path, i + 1) for i, cell in column.items())
+                    values[name].append(np.fromiter(parsed, float, count=len(column)))
     except pd.errors.EmptyDataError:
-        frame = None
+        pass
     except OSError as error:
         raise InputError(f"cannot read CSV file {path!r}: {error.strerror}") from None
     except UnicodeDecodeError:
@@ -150,8 +178,18 @@ def read_xy(path: str, x_column: str = "x", y_column: str = "y"):
     except pd.errors.ParserError as error:
         message = str(error).strip().splitlines()[-1]
         raise InputError(f"CSV file {path!r} is not valid CSV: {message}") from None
-    cells = None if frame is None else frame.fillna("").apply(lambda column: column.str.strip())
-    header = [] if cells is None else list(cells.iloc[0])
+    if header is None:
+        _check_header([], path, x_column, y_column)
+    if num_rows < MIN_ROWS:
+        raise InputError(
+            f"CSV file {path!r} has {num_rows} data row(s); at least {MIN_ROWS} are "
+            "needed to fit intercept, slope and sigma"
+        )
+    return np.concatenate(values[x_column]), np.concatenate(values[y_column])
+
+
+def _check_header(header: list, path: str, x_column: str, y_column: str) -> list:
+    """The header row, once it is known to name both columns; ``InputError`` otherwise."""
     if not any(header):
         raise InputError(f"CSV file {path!r} is empty; it needs a header row naming the columns")
     for option, name in (("--x", x_column), ("--y", y_column)):
@@ -160,19 +198,7 @@ def read_xy(path: str, x_column: str = "x", y_column: str = "y"):
                 f"column {name!r} ({option}) not found in {path!r}; columns are: "
                 + ", ".join(repr(h) for h in header)
             )
-    cells = cells.iloc[1:]
-    # Blank lines carry no data; skipping them keeps a trailing newline from being an error.
-    cells = cells[(cells != "").any(axis=1)]
-    values = {}
-    for name in (x_column, y_column):
-        column = cells.iloc[:, header.index(name)]
-        values[name] = [_parse_cell(cell, name, path, index + 1) for index, cell in column.items()]
-    if len(cells) < MIN_ROWS:
-        raise InputError(
-            f"CSV file {path!r} has {len(cells)} data row(s); at least {MIN_ROWS} are "
-            "needed to fit intercept, slope and sigma"
-        )
-    return np.asarray(values[x_column], float), np.asarray(values[y_column], float)
+    return header
 
 
 def _parse_cell(cell: str, name: str, path: str, line: int) -> float:
@@ -323,6 +349,13 @@ def _check_output(path: str | None, option: str) -> None:
 def _regress(args) -> int:
     _check_output(args.out, "--out")
     _check_output(args.plot, "--plot")
+    if args.plot is not None:
+        from rwmh.arviz import plot_format
+
+        try:
+            plot_format(args.plot)
+        except ValueError as error:
+            raise InputError(f"--plot: {error}") from None
     if args.csv is None:
         import jax
 
@@ -457,9 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     regress.add_argument(
         "--warmup", type=_count(0), default=1000, metavar="N", help="warmup steps (1000)"
     )
-    regress.add_argument("--seed", type=_count(0), default=0, metavar="N", help="default 0")
+    regress.add_argument(
+        "--seed", type=_count(0, MAX_SEED), default=0, metavar="N", help="default 0"
+    )
     regress.add_argument("--out", metavar="FILE.nc", help="write the ArviZ data as netCDF")
-    regress.add_argument("--plot", metavar="FILE.png", help="write trace and posterior plots")
+    regress.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write trace and posterior plots (.png, .jpg, .pdf, .svg)",
+    )
     regress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     regress.add_argument(
         "--no-compilation-cache",

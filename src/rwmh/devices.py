@@ -35,6 +35,10 @@ def resolve_devices(devices) -> Mesh | None:
                 "devices: a Mesh must be one-dimensional (the chain axis is sharded over its "
                 f"single axis); got axes {devices.axis_names} of shape {devices.devices.shape}."
             )
+        # Whatever its one axis is called, the chains are sharded over it: the same devices
+        # in the same order, under the axis name the compiled loops use.
+        if devices.axis_names != (CHAIN_AXIS,):
+            return Mesh(devices.devices, (CHAIN_AXIS,))
         return devices
     if isinstance(devices, str):
         if devices != "all":

@@ -193,6 +193,10 @@ def proposal_scale(
             f"{name} must be None or an array of variances or covariances; got "
             f"{type(proposal_cov).__name__}."
         ) from None
+    if jnp.issubdtype(proposal_cov.dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{name} must hold real variances or covariances; got dtype {proposal_cov.dtype}."
+        )
     if not jnp.issubdtype(proposal_cov.dtype, jnp.floating):
         proposal_cov = proposal_cov.astype(jnp.result_type(float))
     ndim = proposal_cov.ndim
@@ -287,11 +291,16 @@ def factor_covariance(covariance: Array) -> Array:
     return sd[:, None] * jnp.linalg.cholesky(correlation)
 
 
-def check_step_size(step_size, name: str = "step_size"):
+def check_step_size(step_size, name: str = "step_size", dtype=None):
     """``step_size`` as a float, or None; a ValueError naming ``name`` unless it is a positive
-    finite scalar. Traced values (inside ``jit``) pass unchecked."""
+    finite scalar (a ``TypeError`` for a bool). With ``dtype``, the positions' floating type,
+    it must also stay positive and finite in that type: ``1e39`` becomes ``inf`` in float32
+    and ``1e-50`` becomes 0, and either freezes every chain. Traced values (inside ``jit``)
+    pass unchecked."""
     if step_size is None or isinstance(step_size, jax.core.Tracer):
         return step_size
+    if isinstance(step_size, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a positive finite scalar; got the bool {step_size!r}.")
     message = f"{name} must be a positive finite scalar; got {step_size!r}."
     try:
         value = np.asarray(step_size, dtype=float)
@@ -299,6 +308,16 @@ def check_step_size(step_size, name: str = "step_size"):
         raise ValueError(message) from None
     if value.ndim != 0 or not np.isfinite(value) or value <= 0:
         raise ValueError(message)
+    if dtype is not None:
+        with np.errstate(over="ignore", under="ignore"):
+            stored = np.asarray(value, dtype=dtype)
+        if not (np.isfinite(stored) and stored > 0):
+            info = np.finfo(dtype)
+            raise ValueError(
+                f"{name} = {float(value)!r} is not representable in {np.dtype(dtype).name}, the "
+                f"positions' type (it becomes {stored}); use a value in [{info.tiny:.3g}, "
+                f"{info.max:.3g}] or float64 positions."
+            )
     return float(value)
 
 
@@ -459,7 +478,9 @@ def random_walk(
     def init_fn(position: ArrayLikeTree, rng_key: PRNGKey | None = None) -> RWMHState:
         # rng_key: unused, accepted for BlackJAX's ``init(position, rng_key)``.
         state = init(position, logdensity_fn)
-        _check_factor(proposal.factor, ravel_pytree(state.position)[0].shape[0])
+        flat_position = ravel_pytree(state.position)[0]
+        _check_factor(proposal.factor, flat_position.shape[0])
+        check_step_size(step_size, dtype=flat_position.dtype)
         return state
 
     def step_fn(rng_key: PRNGKey, state: RWMHState) -> tuple[RWMHState, RWMHInfo]:

@@ -45,9 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from numpyro.infer.initialization import init_to_uniform
+from numpyro.distributions.transforms import biject_to
+from numpyro.infer.gibbs import GIBBS_SITES_KWARG
+from numpyro.infer.initialization import init_to_uniform, init_to_value
 from numpyro.infer.mcmc import MCMCKernel
-from numpyro.infer.util import initialize_model
+from numpyro.infer.util import initialize_model, transform_fn
 from numpyro.util import identity, is_prng_key
 
 from rwmh import checks, tuning
@@ -157,7 +159,11 @@ def initialize(rng_key, model, model_args=(), model_kwargs=None, init_strategy=i
     """NumPyro's ``initialize_model`` as RWMH uses it: ``(param_info, potential_fn_gen,
     postprocess_fn)`` on the unconstrained space, for a key or a batch of keys (one initial
     point per key), without the gradient check that a random walk does not need."""
-    param_info, potential_fn_gen, postprocess_fn, _ = initialize_model(
+    return _initialize_model(rng_key, model, model_args, model_kwargs, init_strategy)[:3]
+
+
+def _initialize_model(rng_key, model, model_args, model_kwargs, init_strategy):
+    return initialize_model(
         rng_key,
         model,
         init_strategy=init_strategy,
@@ -166,7 +172,25 @@ def initialize(rng_key, model, model_args=(), model_kwargs=None, init_strategy=i
         model_kwargs={} if model_kwargs is None else model_kwargs,
         validate_grad=False,
     )
-    return param_info, potential_fn_gen, postprocess_fn
+
+
+def _inverse_transforms(model_trace) -> dict:
+    """Unconstrained-to-constrained bijection of every latent continuous sample site."""
+    return {
+        name: biject_to(site["fn"].support)
+        for name, site in model_trace.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["fn"].support.is_discrete
+    }
+
+
+def _check_potential_shape(potential_energy, batch_shape: tuple) -> None:
+    if jnp.shape(potential_energy) != batch_shape:
+        raise ValueError(
+            "potential_fn must return a scalar potential energy for one position; got shape "
+            f"{jnp.shape(potential_energy)[len(batch_shape) :]}. Reduce it, e.g. with jnp.sum."
+        )
 
 
 def init_kernel(init_params, potential_fn, adapt_state, rng_key) -> RWMHKernelState:
@@ -179,8 +203,11 @@ def init_kernel(init_params, potential_fn, adapt_state, rng_key) -> RWMHKernelSt
     vectorized = not is_prng_key(rng_key)
     dtype = adapt_state.step_size.dtype
     if vectorized:
-        num_chains = jnp.shape(jax.tree_util.tree_leaves(init_params)[0])[0]
-        potential_energy = jax.vmap(potential_fn)(init_params).astype(dtype)
+        # From the keys: a model without continuous latent sites has no leaves to count.
+        num_chains = jnp.shape(rng_key)[0]
+        potential_energy = jax.vmap(potential_fn, axis_size=num_chains)(init_params)
+        _check_potential_shape(potential_energy, (num_chains,))
+        potential_energy = potential_energy.astype(dtype)
         checks.check_finite_logdensity(potential_energy, "init_params", what="the potential energy")
         zeros = jnp.zeros((num_chains,), dtype)
         return RWMHKernelState(
@@ -193,7 +220,9 @@ def init_kernel(init_params, potential_fn, adapt_state, rng_key) -> RWMHKernelSt
             adapt_state=adapt_state,
             rng_key=rng_key,
         )
-    potential_energy = jnp.asarray(potential_fn(init_params)).astype(dtype)
+    potential_energy = jnp.asarray(potential_fn(init_params))
+    _check_potential_shape(potential_energy, ())
+    potential_energy = potential_energy.astype(dtype)
     checks.check_finite_logdensity(
         potential_energy, "init_params", batched=False, what="the potential energy"
     )
@@ -335,6 +364,12 @@ class RWMH(MCMCKernel):
 
     Notes
     -----
+    As NumPyro's own kernels, ``RWMH`` runs models without a continuous latent site (it then
+    returns their deterministic sites, as NUTS does) and serves as a block of
+    ``numpyro.infer.Gibbs``: it takes the constrained start values ``Gibbs`` gives non-HMC
+    blocks, and :meth:`get_constrain_fn` uses the sites' bijections without running the model.
+    Positions must be float32 or float64.
+
     Collected by default: ``z`` (the draws), ``accept_prob`` and ``potential_energy``, which
     ``arviz.from_numpyro`` turns into ``sample_stats.acceptance_rate`` and ``sample_stats.lp``.
     Other fields of :class:`RWMHKernelState` (``step_size``, ``mean_accept_prob``, ...) can be
@@ -390,13 +425,15 @@ class RWMH(MCMCKernel):
         self._adapt_step_size = checks.check_bool(adapt_step_size, "adapt_step_size")
         self._adapt_proposal_cov = checks.check_bool(adapt_proposal_cov, "adapt_proposal_cov")
         self._dense = checks.check_bool(dense, "dense")
+        # Traced under jax.jit, as NumPyro's own kernels allow.
         self._target_accept_prob = checks.check_probability(
-            target_accept_prob, "target_accept_prob"
+            target_accept_prob, "target_accept_prob", allow_traced=True
         )
         self._init_strategy = init_strategy
         # Set by init.
         self._potential_fn_gen = None
         self._postprocess_fn = None
+        self._inv_transforms = None
         self._settings = None
         # MCMC calls init again whenever this is None (a fresh or unpickled kernel).
         self._sample_fn = None
@@ -465,22 +502,32 @@ class RWMH(MCMCKernel):
             rng_key, key_init = jax.random.split(rng_key)
 
         if self._model is not None:
-            param_info, self._potential_fn_gen, self._postprocess_fn = initialize(
-                key_init, self._model, model_args, model_kwargs, self._init_strategy
+            init_strategy = self._init_strategy
+            if init_params is not None and GIBBS_SITES_KWARG in model_kwargs:
+                # A block of numpyro.infer.Gibbs: Gibbs hands blocks that are not HMC the
+                # *constrained* values of their sites; NumPyro maps them to the unconstrained
+                # space as it does for init_to_value.
+                init_strategy = init_to_value(values=init_params)
+                init_params = None
+            param_info, self._potential_fn_gen, self._postprocess_fn, model_trace = (
+                _initialize_model(key_init, self._model, model_args, model_kwargs, init_strategy)
             )
+            self._inv_transforms = _inverse_transforms(model_trace)
             if init_params is None:
                 init_params = param_info.z
         elif init_params is None:
             raise ValueError("`init_params` must be given to MCMC.run when using `potential_fn`.")
         init_params = _as_float(init_params)
-        checks.check_float_positions(init_params, "init_params", batched=vectorized)
+        if jax.tree_util.tree_leaves(init_params) or self._model is None:
+            # A model may have no continuous latent site (only deterministic or enumerated
+            # ones): NumPyro's kernels run it all the same, and so does this one.
+            checks.check_float_positions(init_params, "init_params", batched=vectorized)
         one_position = _first(init_params) if vectorized else init_params
         flat_one, _ = ravel_pytree(one_position)
         dimension = flat_one.shape[0]
-        if dimension == 0:
-            raise ValueError("RWMH needs at least one continuous latent variable; found none.")
         if self._proposal_cov is not None:
             proposal_scale(self._proposal_cov, dimension)
+        check_step_size(self._step_size, dtype=flat_one.dtype)
 
         num_warmup = int(num_warmup)
         schedule = tuning.build_schedule(num_warmup)
@@ -492,11 +539,15 @@ class RWMH(MCMCKernel):
         target = self._target_accept_prob
         if target is None:
             target = tuning.default_target_acceptance_rate(dimension)
-        self._settings = KernelSettings(
-            num_warmup, schedule, target, self._adapt_step_size, self._adapt_proposal_cov
-        )
+        adapt = (self._adapt_step_size, self._adapt_proposal_cov)
+        step_size, dense = self._step_size, self._dense
+        if dimension == 0:
+            # Nothing to move: every proposal is the current point (acceptance 1), and there
+            # is nothing to adapt. A unit step and an empty diagonal stand in.
+            adapt, step_size, dense = (False, False), 1.0, False
+        self._settings = KernelSettings(num_warmup, schedule, target, *adapt)
         adapt_state = tuning.init(
-            dimension, flat_one.dtype, self._step_size, self._proposal_cov, dense=self._dense
+            dimension, flat_one.dtype, step_size, self._proposal_cov, dense=dense
         )
         potential_fn = self.get_potential_fn(model_args, model_kwargs)
         state = init_kernel(init_params, potential_fn, adapt_state, rng_key)
@@ -519,9 +570,26 @@ class RWMH(MCMCKernel):
         """
         if self._sample_fn is None:
             raise RuntimeError("The kernel is not initialised: run `init` (or MCMC.run) first.")
+        if not isinstance(state, RWMHKernelState):
+            raise TypeError(
+                f"RWMH.sample needs an RWMHKernelState; got {type(state).__name__}. A "
+                "post_warmup_state or last_state from another kernel (NUTS, HMC, ...) cannot "
+                "continue with RWMH: run its warmup with RWMH."
+            )
         model_kwargs = {} if model_kwargs is None else model_kwargs
         potential_fn = self.get_potential_fn(model_args, model_kwargs)
         return self._sample_fn(state, potential_fn, self._settings)
+
+    def get_constrain_fn(self, model_args=(), model_kwargs=None) -> Callable:
+        """Map unconstrained site values to constrained ones with the sites' bijections alone,
+        without running the model (as NumPyro's HMC does): ``numpyro.infer.Gibbs`` calls it
+        with model arguments that lack the sibling blocks' values."""
+        if self._model is None:
+            return identity
+        if self._inv_transforms is None:
+            raise RuntimeError("The kernel is not initialised: run `init` (or MCMC.run) first.")
+        transforms = self._inv_transforms
+        return lambda z: transform_fn(transforms, z)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -540,4 +608,5 @@ class RWMH(MCMCKernel):
         kernel._sample_fn = None
         kernel._potential_fn_gen = None
         kernel._postprocess_fn = None
+        kernel._inv_transforms = None
         return kernel

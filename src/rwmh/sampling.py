@@ -644,7 +644,8 @@ def sample(
     devices
         None: the default device. ``"all"``: every device of ``jax.devices()`` (all processes
         after ``jax.distributed.initialize``). A sequence of devices, or a one-dimensional
-        ``jax.sharding.Mesh``: those devices. The chain axis is sharded over them and the
+        ``jax.sharding.Mesh`` (whatever its axis is called): those devices. The chain axis is
+        sharded over them and the
         warmup statistics are pooled with collective sums; the draws equal those of the
         unsharded run (up to the rounding of the pooled sums, which XLA adds in another order).
         Chain counts that do not divide evenly are padded internally; exactly
@@ -721,6 +722,8 @@ def sample(
     progress_bar = checks.check_bool(progress_bar, "progress_bar")
     num_chains = checks.check_chain_axis(initial_positions, "initial_positions")
     checks.check_float_positions(initial_positions, "initial_positions", batched=True)
+    checks.check_dimension(initial_positions, "initial_positions", batched=True)
+    check_step_size(step_size, dtype=jnp.result_type(*jax.tree_util.tree_leaves(initial_positions)))
     if until is not None:
         if not isinstance(until, convergence.Converged):
             raise TypeError(f"until must be None or an rwmh.Converged; got {type(until).__name__}.")
