@@ -310,7 +310,11 @@ def load(path) -> Run:
     if phase not in PHASES:
         raise fail(f"unknown phase {phase!r}")
     last_step = settings.num_warmup if phase == "warmup" else settings.num_samples
-    first_step = settings.num_samples if phase == "done" else 0
+    # A run with `until` may be done before its cap, after at least one draw.
+    if phase != "done":
+        first_step = 0
+    else:
+        first_step = 1 if settings.until is not None else settings.num_samples
     if not first_step <= next_step <= last_step:
         raise fail(f"next_step {next_step} is outside [{first_step}, {last_step}] in {phase}")
 

@@ -422,8 +422,9 @@ def accept_reject(log_uniform: Array, state, proposal) -> tuple[Any, RWMHInfo]:
     log_ratio = proposal_logdensity - state.logdensity
     # A step that overflowed (a position at +-inf or NaN) is never a draw, whatever the log
     # density says there: a flat or saturating target is finite at infinity.
-    leaves = jax.tree_util.tree_leaves(proposal.position)
-    position_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+    position_finite = jnp.array(True)
+    for leaf in jax.tree_util.tree_leaves(proposal.position):
+        position_finite = position_finite & jnp.all(jnp.isfinite(leaf))
     admissible = jnp.isfinite(proposal_logdensity) & ~jnp.isnan(log_ratio) & position_finite
     is_accepted = admissible & (log_uniform < log_ratio)
     acceptance_rate = jnp.where(

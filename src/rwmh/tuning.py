@@ -22,25 +22,17 @@ parameters"), carried over to random-walk Metropolis and to many chains at once:
   the chains converged do not leak into the final covariance. At the end of a window the
   proposal covariance becomes the pooled estimate, shrunk toward its own diagonal while
   draws are few, ``w S + (1 - w) 1e-3 diag(S)`` with ``w = n / (n + 5)`` (Stan's
-  regulariser, made scale-free so that it does not distort parameters on tiny scales). At
-  the end of the first window the step size restarts from ``2.38 / sqrt(d)`` (Roberts,
-  Gelman & Gilks 1997); from then on a new covariance close to the previous one refines it,
-  and the step size carries over, rescaled so that its acceptance rate stays the same
-  (``s_new^2 d = s_old^2 tr(P_old P_new^-1)``); a larger change restarts it as at the first
-  window.
+  regulariser, made scale-free so that it does not distort parameters on tiny scales), and
+  the step size restarts from ``2.38 / sqrt(d)`` (Roberts, Gelman & Gilks 1997).
 * A final fast phase (default 50 steps) where only the step size adapts.
 
 The step size follows a Robbins-Monro recursion on its logarithm (Andrieu & Thoms 2008),
 ``log s <- log s + (t + 1)^(-0.6) (abar - target)``, where ``abar`` is the mean acceptance
-probability over all chains, and ``t`` restarts with each refresh and window end, except where
-the step size carries over: then it runs on. The value used after warmup is the weighted
-average of the iterates (weights ``t^(-0.75)``, as Stan's dual averaging does), which removes
-the recursion's noise. Letting the recursion run on matters for few chains: restarted at the
-last window end, the final step size rested on the 50 steps of the final phase, and one
-chain's sampling acceptance scattered by 0.054 (sd over chains) around the target, 0.022 now.
-The default target acceptance rate depends on the dimension: 0.44 in one dimension falling to
-0.234 as ``d`` grows (Gelman, Roberts & Gilks 1996; Roberts, Gelman & Gilks 1997):
-``0.234 + 0.206 exp(-(d - 1) / 2)``.
+probability over all chains, and ``t`` restarts with each window and each refresh. The value
+used after warmup is the weighted average of the iterates (weights ``t^(-0.75)``, as Stan's
+dual averaging does), which removes the recursion's noise. The default target acceptance rate
+depends on the dimension: 0.44 in one dimension falling to 0.234 as ``d`` grows (Gelman,
+Roberts & Gilks 1996; Roberts, Gelman & Gilks 1997): ``0.234 + 0.206 exp(-(d - 1) / 2)``.
 
 Adaptation stops at the end of warmup: the parameters returned are fixed, so that sampling
 afterwards is a valid (time-homogeneous) Markov chain.
@@ -111,8 +103,7 @@ class AdaptationState(NamedTuple):
         factor, a :class:`rwmh.kernel.FactoredCov`; refactored only when the covariance changes.
         ``proposal_cov`` is a shorthand for ``proposal.covariance``.
     log_step_size_avg
-        Weighted average of the log step-size iterates since the last restart (rescaled with
-        them when the covariance changes).
+        Weighted average of the log step-size iterates since the last restart.
     count
         Steps since the step-size recursion last restarted.
     weight
@@ -180,8 +171,7 @@ class Schedule(NamedTuple):
     slow_window
         The step belongs to a slow window (its draws estimate the covariance).
     window_end
-        The last step of a slow window: the covariance is updated, the step size restarts
-        (or, after the first window and for a small change, carries over rescaled).
+        The last step of a slow window: the covariance is updated and the step size restarts.
     refresh
         Every ``refresh_interval`` steps into a window: the covariance is re-estimated before
         the window ends.
@@ -341,42 +331,13 @@ def _regularised_covariance(m2: Array, weight: Array) -> Array:
     return w * covariance + (1.0 - w) * 1e-3 * jnp.diag(jnp.diag(covariance))
 
 
-#: A new covariance within this discrepancy ``(tr(A) + tr(A^-1)) / (2 d) - 1`` of the previous
-#: one (``A = P_old P_new^-1``; 0 when they are equal, about 0.05 when their eigenvalues differ
-#: by 30%) refines it: the step size carries over. A larger change (chains still converging)
-#: restarts the step size as at the first window.
-_CARRY_OVER_DISCREPANCY = 0.05
-
-
-def _log_scale_ratio(old_factor: Array, new_factor: Array, dimension: int):
-    """``log s_new - log s_old`` that keeps the acceptance rate when the proposal covariance
-    changes from ``L_old L_old^T`` to ``L_new L_new^T``, taking the new one as the target's.
-
-    For a Gaussian target of covariance ``C`` and proposals ``N(0, s^2 P)`` in many dimensions,
-    the acceptance rate is ``2 Phi(-s sqrt(tr(P C^-1)) / 2)`` (Roberts, Gelman & Gilks 1997;
-    Sherlock 2006): it depends on ``s^2 tr(P C^-1)``. With ``C = P_new`` that gives
-    ``s_new^2 d = s_old^2 tr(P_old P_new^-1)``.
-    """
-    if new_factor.ndim == 1:
-        trace = jnp.sum((old_factor / new_factor) ** 2)
-        inverse_trace = jnp.sum((new_factor / old_factor) ** 2)
-    else:
-        relative = jax.scipy.linalg.solve_triangular(new_factor, old_factor, lower=True)
-        inverse = jax.scipy.linalg.solve_triangular(old_factor, new_factor, lower=True)
-        trace, inverse_trace = jnp.sum(relative**2), jnp.sum(inverse**2)
-    discrepancy = (trace + inverse_trace) / (2 * dimension) - 1
-    return 0.5 * jnp.log(trace / dimension), discrepancy
-
-
 def _refresh(state: AdaptationState, window_end: Array, dimension: int) -> AdaptationState:
     """New proposal covariance from the current and the previous window's pooled draws.
 
     Inside a window (``window_end`` False) the covariance improves as draws come in, so that
-    the chains mix better for the rest of the window (as in Haario et al. 2001). After the
-    first window, a new covariance close to the previous one rescales the step size to it and
-    its recursion goes on; otherwise the step size keeps its value and its recursion restarts,
-    and at a window end it restarts from ``2.38 / sqrt(d)``. At a window end the current
-    window becomes the previous one.
+    the chains mix better for the rest of the window (as in Haario et al. 2001); the step
+    size keeps its value and its recursion restarts. At a window end the step size also
+    restarts from ``2.38 / sqrt(d)`` and the current window becomes the previous one.
     """
     # The previous window's draws fade out as the current window's accumulate: they fill in
     # for a window that has only just begun, but they were made with a worse proposal and
@@ -407,25 +368,7 @@ def _refresh(state: AdaptationState, window_end: Array, dimension: int) -> Adapt
     covariance = jnp.where(usable, covariance, state.proposal.covariance)
     factor = jnp.where(usable, factor, state.proposal.factor)
     restart = jnp.asarray(initial_step_size(dimension), state.step_size.dtype)
-    # Once a slow window has ended, a new covariance close to the previous one refines an
-    # estimate already fitted to the target: the step size learned so far carries over,
-    # rescaled to keep its acceptance rate (see _log_scale_ratio), and its recursion goes on.
-    # Restarting it (from 2.38 / sqrt(d), with gain 1) would leave the final step size to the
-    # last 50 steps alone, too few for one chain's noisy acceptance: its sampling acceptance
-    # then scattered by +-0.05 around the target. A large change (chains still converging,
-    # as in posteriordb's sblrc-blr, where carrying over left an acceptance of 0.005) and the
-    # first window restart it.
-    log_scale_ratio, discrepancy = _log_scale_ratio(state.proposal.factor, factor, dimension)
-    carry_over = usable & has_previous & (discrepancy < _CARRY_OVER_DISCREPANCY)
-    dtype = state.step_size.dtype
-    carried = (state.step_size * jnp.exp(log_scale_ratio)).astype(dtype)
     step_size = jnp.where(usable & window_end, restart, state.step_size)
-    step_size = jnp.where(carry_over, carried, step_size)
-    # The averaged iterate moves with the iterate into the new units.
-    log_step_size_avg = jnp.where(
-        carry_over, state.log_step_size_avg + log_scale_ratio, jnp.log(step_size)
-    ).astype(dtype)
-    count = jnp.where(carry_over, state.count, jnp.zeros_like(state.count))
 
     def rotate(current, previous):
         return jnp.where(window_end, current, previous)
@@ -433,8 +376,8 @@ def _refresh(state: AdaptationState, window_end: Array, dimension: int) -> Adapt
     return state._replace(
         proposal=FactoredCov(covariance, factor),
         step_size=step_size,
-        log_step_size_avg=log_step_size_avg,
-        count=count,
+        log_step_size_avg=jnp.log(step_size),
+        count=jnp.zeros_like(state.count),
         weight=jnp.where(window_end, 0.0, state.weight).astype(state.weight.dtype),
         mean=jnp.where(window_end, 0.0, state.mean).astype(state.mean.dtype),
         m2=jnp.where(window_end, 0.0, state.m2).astype(state.m2.dtype),
