@@ -80,10 +80,12 @@ def _watch_signals(read_fd, seen):
 
 def _compare(result, reference, initial, count_at_signal):
     computed = max(0, (count_at_signal - initial) // NUM_CHAINS - 1)
-    warmup_rows = int(np.shape(result.warmup_info.acceptance_rate)[0])
+    # No warmup information when the signal came before the first chunk (while compiling).
+    info = result.warmup_info
+    warmup_rows = 0 if info is None else int(np.shape(info.acceptance_rate)[0])
     returned = warmup_rows + result.num_draws
     same = True
-    for name in ("acceptance_rate", "step_size", "num_restarted"):
+    for name in ("acceptance_rate", "step_size", "num_restarted") if warmup_rows else ():
         got = np.asarray(getattr(result.warmup_info, name))
         want = np.asarray(getattr(reference.warmup_info, name))[:warmup_rows]
         same &= bool(np.array_equal(got, want))

@@ -215,9 +215,11 @@ def _run_phase(pieces, dispatch: Callable, record: Callable, in_flight: _InFligh
     one runs, so the device never waits for the host; ``run`` only ever holds recorded
     chunks, whatever interrupts the loop."""
     for first, length in pieces:
-        in_flight.hold(record, first, length, *dispatch(first, length))
+        # Also before the first chunk: a Ctrl-C while the run was being set up (compiling)
+        # stops it before anything more is dispatched.
         if in_flight.interrupts:
             break
+        in_flight.hold(record, first, length, *dispatch(first, length))
     in_flight.finish()
     if in_flight.interrupts:
         raise KeyboardInterrupt
@@ -296,7 +298,13 @@ class _Stopping:
 
 
 def _drive(
-    run: Run, logdensity_fn: Callable, layout: Layout, checkpoint_path, show, logdensity_args=()
+    run: Run,
+    logdensity_fn: Callable,
+    layout: Layout,
+    checkpoint_path,
+    show,
+    logdensity_args=(),
+    in_flight: _InFlight | None = None,
 ):
     """Run ``run`` from where it stands to the end, chunk by chunk.
 
@@ -308,11 +316,14 @@ def _drive(
     num_warmup, num_samples, thin = settings.num_warmup, settings.num_samples, settings.thin
     warmup_key, sampling_key = chains.phase_keys(run.rng_key)
     bar = progress.progress_bar(show)
-    in_flight = _InFlight()
+    owner = in_flight is None
+    if owner:
+        in_flight = _InFlight()
     # The device side of the run: the latest dispatched states (and adaptation state).
     carry = {"states": run.states, "adapt": run.adapt}
     args = layout.replicated(logdensity_args)
-    in_flight.defer_ctrl_c()
+    if owner:
+        in_flight.defer_ctrl_c()
     try:
         if run.phase == "warmup":
             run_warmup = layout.warmup_fn()
@@ -442,7 +453,8 @@ def _drive(
         )
         raise
     finally:
-        in_flight.restore_ctrl_c()
+        if owner:
+            in_flight.restore_ctrl_c()
     return _result(run, layout)
 
 
@@ -555,16 +567,22 @@ def resume(
     mesh = resolve_devices(devices)
     path = os.fspath(path)
     run = checkpoint_file.load(path)
-    _check_logdensity(path, logdensity_fn, run.states, logdensity_args)
-    layout = Layout(mesh, run.settings.num_chains)
-    run.states = layout.chains(run.states)
-    run.adapt = layout.replicated(run.adapt)
-    if run.phase == "warmup" and run.next_step >= run.num_warmup:
-        run.start_sampling()
-    if run.phase == "done":
-        return _result(run, layout, stacklevel=3)
-    path = checkpoint_file.check_path(path)
-    return _drive(run, logdensity_fn, layout, path, progress_bar, logdensity_args)
+    # Ctrl-C from here on (compiling included) stops the run at a chunk boundary: see sample.
+    in_flight = _InFlight()
+    in_flight.defer_ctrl_c()
+    try:
+        _check_logdensity(path, logdensity_fn, run.states, logdensity_args)
+        layout = Layout(mesh, run.settings.num_chains)
+        run.states = layout.chains(run.states)
+        run.adapt = layout.replicated(run.adapt)
+        if run.phase == "warmup" and run.next_step >= run.num_warmup:
+            run.start_sampling()
+        if run.phase == "done":
+            return _result(run, layout, stacklevel=3)
+        path = checkpoint_file.check_path(path)
+        return _drive(run, logdensity_fn, layout, path, progress_bar, logdensity_args, in_flight)
+    finally:
+        in_flight.restore_ctrl_c()
 
 
 def sample(
@@ -735,36 +753,46 @@ def sample(
         checkpoint_file.encode_tree(initial_positions)
     positions = jax.tree_util.tree_map(jnp.asarray, initial_positions)
 
-    layout = Layout(mesh, num_chains)
-    if mesh is not None:
-        positions = layout.chains(positions)
-    # Validated once, here: warmup starts from it, or sampling uses it as it is.
-    proposal = factor_proposal_cov(proposal_cov, chains.flat_dimension(positions))
-    states, adapt = chains.initial_state(
-        logdensity_fn,
-        positions,
-        step_size,
-        proposal,
-        dense,
-        warmup_key=chains.phase_keys(rng_key)[0],
-        logdensity_args=logdensity_args,
-    )
-    checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")
-    settings = Settings(
-        num_chains=num_chains,
-        num_samples=num_samples,
-        num_warmup=num_warmup,
-        thin=thin,
-        chunk_size=chunk_size,
-        target_acceptance_rate=target_acceptance_rate,
-        dense=dense,
-        restart_stranded=restart_stranded,
-        until=until,
-        auto_warmup=auto_warmup,
-    )
-    run = Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
-    if num_warmup == 0:
-        run.parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
-        run.proposal = proposal
-        run.phase = "sampling"
-    return _drive(run, logdensity_fn, layout, checkpoint, progress_bar, logdensity_args)
+    # Ctrl-C from here on, while the first programs compile included, is deferred to the
+    # first chunk boundary (a KeyboardInterrupt raised inside JAX's compilation or a host
+    # callback would not reach the caller as one): the run then returns what it completed.
+    in_flight = _InFlight()
+    in_flight.defer_ctrl_c()
+    try:
+        layout = Layout(mesh, num_chains)
+        if mesh is not None:
+            positions = layout.chains(positions)
+        # Validated once, here: warmup starts from it, or sampling uses it as it is.
+        proposal = factor_proposal_cov(proposal_cov, chains.flat_dimension(positions))
+        states, adapt = chains.initial_state(
+            logdensity_fn,
+            positions,
+            step_size,
+            proposal,
+            dense,
+            warmup_key=chains.phase_keys(rng_key)[0],
+            logdensity_args=logdensity_args,
+        )
+        checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")
+        settings = Settings(
+            num_chains=num_chains,
+            num_samples=num_samples,
+            num_warmup=num_warmup,
+            thin=thin,
+            chunk_size=chunk_size,
+            target_acceptance_rate=target_acceptance_rate,
+            dense=dense,
+            restart_stranded=restart_stranded,
+            until=until,
+            auto_warmup=auto_warmup,
+        )
+        run = Run(settings, rng_key, "warmup", 0, states, layout.replicated(adapt))
+        if num_warmup == 0:
+            run.parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
+            run.proposal = proposal
+            run.phase = "sampling"
+        return _drive(
+            run, logdensity_fn, layout, checkpoint, progress_bar, logdensity_args, in_flight
+        )
+    finally:
+        in_flight.restore_ctrl_c()
