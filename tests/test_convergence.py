@@ -218,6 +218,20 @@ def test_auto_warmup_resumes_to_the_same_run(monkeypatch, tmp_path, auto_run):
     np.testing.assert_array_equal(resumed.positions, reference.positions)
 
 
+def test_auto_warmup_takes_pytree_positions(auto_run):
+    """A dict of position leaves is decided on the same flattened states as one array."""
+    reference, _ = auto_run
+    split = {"a": ROTATED_INITIAL[:, :2], "b": ROTATED_INITIAL[:, 2:]}
+
+    def logdensity(position):
+        return ROTATED(jnp.concatenate([position["a"], position["b"]]))
+
+    result = rwmh.sample(jax.random.key(4), logdensity, split, **AUTO)
+    assert result.extra["warmup"]["steps"] == reference.extra["warmup"]["steps"]
+    flat = np.concatenate([result.positions["a"], result.positions["b"]], axis=-1)
+    np.testing.assert_allclose(flat, reference.positions, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_num_warmup_is_refused():
     with pytest.raises(TypeError, match="num_warmup"):
         rwmh.sample(jax.random.key(0), correlated, INITIAL, num_warmup="long")

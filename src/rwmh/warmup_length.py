@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import jax
 import numpy as np
 
 from rwmh import tuning
@@ -101,6 +102,15 @@ def _window_rhat(positions: np.ndarray, lp: np.ndarray) -> float:
         warnings.simplefilter("ignore", RuntimeWarning)
         rhat = np.asarray(az.rhat(data, method="rank")["x"].values)
     return math.inf if np.isnan(rhat).any() else float(rhat.max())
+
+
+def flat_states(positions, num_chains: int) -> np.ndarray:
+    """Chain states (a PyTree of ``(chain, ...)`` host arrays) as one ``(chain, component)``
+    array, leaves in PyTree order."""
+    leaves = [
+        np.asarray(leaf).reshape(num_chains, -1) for leaf in jax.tree_util.tree_leaves(positions)
+    ]
+    return np.concatenate(leaves, axis=-1)
 
 
 class AutoWarmup:
@@ -194,7 +204,7 @@ class AutoWarmup:
         the end, where the plan is all the state there is)."""
         if self.end is not None:
             return next_step >= self.end
-        self.trace_positions.append(np.asarray(positions).reshape(np.shape(lp)[0], -1))
+        self.trace_positions.append(flat_states(positions, np.shape(lp)[0]))
         self.trace_lp.append(np.asarray(lp))
         if next_step != self._planned:
             return False
