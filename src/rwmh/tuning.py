@@ -502,5 +502,13 @@ def update(
 
 
 def final(state: AdaptationState) -> dict:
-    """The adapted ``{"step_size", "proposal_cov"}``: the averaged step size is used."""
-    return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
+    """The adapted ``{"step_size", "proposal_cov"}``: the averaged step size is used.
+
+    Outside ``jit`` the step size is computed on the host, with numpy, so that no program is
+    compiled for one number (that cost the first :func:`rwmh.sample` call about 0.1 s).
+    """
+    try:
+        log_step_size = np.asarray(state.log_step_size_avg)
+    except jax.errors.TracerArrayConversionError:
+        return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
+    return {"step_size": np.exp(log_step_size), "proposal_cov": state.proposal_cov}
