@@ -511,4 +511,4 @@ def final(state: AdaptationState) -> dict:
         log_step_size = np.asarray(state.log_step_size_avg)
     except jax.errors.TracerArrayConversionError:
         return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
-    return {"step_size": np.exp(log_step_size), "proposal_cov": state.proposal_cov}
+    return {"step_size": np.asarray(np.exp(log_step_size)), "proposal_cov": state.proposal_cov}
