@@ -4,26 +4,36 @@ Run ``python benchmarks/first_result.py`` (``--quick``: one run each, about a mi
 cores; ``--runs N``: N runs each, default 3). Every figure is the wall time of a fresh Python
 process (or a part of one, said so), so imports, tracing and compilation are all counted:
 
-(a) ``rwmh regress`` on its built-in data (100 points, 4 chains, 1000 warmup steps, 5000
-    draws), twice per run: the *first* invocation with ``JAX_COMPILATION_CACHE_DIR`` pointing
-    at a fresh empty directory, and the *second* with the same directory, as a user's second
-    run finds it. Where the command line turns JAX's persistent compilation cache on (it
-    honours ``JAX_COMPILATION_CACHE_DIR``), the second run loads what the first compiled; the
-    entries written are counted, so a run without a cache shows as 0 entries. Also the first
+(a) ``rwmh regress --no-progress`` on its built-in data (100 points) with its defaults: 4
+    chains, 1000 warmup steps, then draws until bulk and tail ESS reach 400 and R-hat is at
+    most 1.01, checked with ArviZ on all draws so far at 100, 200, 300, 500, 800, ... draws
+    (:mod:`rwmh.convergence`; at most 100,000 per chain; the command prints where it
+    stopped), then ArviZ's summary. Twice per run: the *first* invocation with
+    ``JAX_COMPILATION_CACHE_DIR`` pointing at a fresh empty directory, and the *second* with
+    the same directory, as a user's second run finds it. Where the command line turns JAX's
+    persistent compilation cache on (it honours ``JAX_COMPILATION_CACHE_DIR``), the second run
+    loads what the first compiled; the entries written are counted, so a run without a cache
+    shows as 0 entries. Also the first
     invocation with ``--no-compilation-cache`` where the option exists, which shows what
     writing the cache costs.
 (b) A script that fits the same model (``rwmh.models.linear_regression``, loaded from its
     file without importing the rest of rwmh, on the same simulated data) with NumPyro NUTS
     as a NumPyro user would: ``MCMC(NUTS(model), num_warmup=1000, num_samples=5000,
     num_chains=4)``, defaults otherwise (on one CPU device the chains run one after another),
-    then ``print_summary()``. No compilation cache.
+    then ``print_summary()``. No compilation cache. 5000 draws is ``rwmh regress --fixed``'s
+    number; NUTS's draws are far less correlated than random-walk draws, so it is a fixed
+    amount of work rather than the same effective sample size.
 (c) ``python -c "import rwmh"``, beside ``python -c "pass"`` and ``python -c "import jax"``.
 (d) The first call of ``rwmh.sample`` (1000 warmup steps and 1000 draws of 4 chains on the
     3-parameter regression log density with 100 points, ``progress_bar=False``) against
     BlackJAX's first call of a compiled loop of 2000 vmapped ``normal_random_walk`` steps of 4
     chains on the same log density, each timed inside a fresh process from just before the
     call to the draws on the host (imports and data are made before, identically), with no
-    compilation cache.
+    compilation cache. The two do not do the same work: ``rwmh.sample`` also adapts the step
+    size and a dense proposal covariance pooled over the chains (with window-end restarts of
+    stranded chains), BlackJAX's loop has a fixed diagonal scale. For that reason it also
+    prints, for information, the first call of ``rwmh.sample`` with ``num_warmup=0`` and
+    2000 draws at BlackJAX's step size and diagonal: the loop alone.
 
 It ends with the acceptance lines of issue 13 as ratios. It prints; it asserts nothing.
 """
@@ -40,8 +50,8 @@ import sys
 import tempfile
 import time
 
-#: The defaults of ``rwmh regress``, which the NumPyro script copies.
-# The defaults of `rwmh regress` (src/rwmh/cli.py), so that NUTS makes the same draws.
+#: ``rwmh regress``'s chains and warmup steps, and the draws of ``rwmh regress --fixed``
+#: (src/rwmh/cli.py), which the NumPyro script makes.
 NUM_CHAINS, NUM_WARMUP, NUM_SAMPLES = 4, 1000, 5000
 #: The work of (d): rwmh.sample's warmup plus draws, as many steps in BlackJAX's loop.
 FIRST_CALL_WARMUP, FIRST_CALL_SAMPLES = 1000, 1000
@@ -65,7 +75,7 @@ import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 side = sys.argv[1]
 import_start = time.perf_counter()
-if side == "rwmh":
+if side.startswith("rwmh"):
     import rwmh
 else:
     import blackjax
@@ -87,6 +97,11 @@ start = time.perf_counter()
 if side == "rwmh":
     result = rwmh.sample(key, logdensity, positions, num_samples={samples},
                          num_warmup={warmup}, progress_bar=False)
+    draws = np.asarray(result.positions)
+elif side == "rwmh-no-warmup":
+    result = rwmh.sample(key, logdensity, positions, num_samples={steps}, num_warmup=0,
+                         step_size=0.1, proposal_cov=np.ones(3, np.float32),
+                         progress_bar=False)
     draws = np.asarray(result.positions)
 else:
     @jax.jit
@@ -177,14 +192,16 @@ def measure_imports(runs: int) -> dict:
 
 
 def measure_first_calls(runs: int) -> dict:
-    figures = {"rwmh": [], "blackjax": [], "rwmh_import": [], "blackjax_import": []}
+    sides = ("rwmh", "blackjax", "rwmh-no-warmup")
+    figures = {side: [] for side in sides} | {"rwmh_import": [], "blackjax_import": []}
     for _ in range(runs):
-        # In turns, so that a burst of load on a shared machine hits both sides alike.
-        for side in ("rwmh", "blackjax"):
+        # In turns, so that a burst of load on a shared machine hits all sides alike.
+        for side in sides:
             _, done = _wall([sys.executable, "-c", FIRST_CALL_SCRIPT, side])
             result = json.loads(done.stdout.strip().splitlines()[-1])
             figures[side].append(result["seconds"])
-            figures[f"{side}_import"].append(result["import_seconds"])
+            if f"{side}_import" in figures:
+                figures[f"{side}_import"].append(result["import_seconds"])
     return figures
 
 
@@ -218,7 +235,7 @@ def main(argv=None):
 
     print(
         f"\n(a) rwmh regress, built-in data ({NUM_CHAINS} chains, {NUM_WARMUP} warmup, "
-        f"{NUM_SAMPLES} draws)"
+        "draws until converged)"
     )
     print(f"  first, empty cache dir:       {_fmt(regress['first'])}")
     print(f"  second, same cache dir:       {_fmt(regress['second'])}")
@@ -227,7 +244,7 @@ def main(argv=None):
         print(f"  first, --no-compilation-cache: {_fmt(regress['no_cache'])}")
     elif not has_option:
         print("  (this rwmh has no --no-compilation-cache option)")
-    print(f"(b) NumPyro NUTS script, same model and data: {_fmt(numpyro)}")
+    print(f"(b) NumPyro NUTS script, same model and data, {NUM_SAMPLES} draws: {_fmt(numpyro)}")
     print("(c) imports, whole process:")
     for label, values in imports.items():
         print(f"  python -c {label!r:14}: {_fmt(values)}")
@@ -241,6 +258,10 @@ def main(argv=None):
     )
     print(f"  rwmh.sample:        {_fmt(first_calls['rwmh'])}")
     print(f"  BlackJAX jit loop:  {_fmt(first_calls['blackjax'])}")
+    print(
+        f"  rwmh.sample without warmup ({FIRST_CALL_WARMUP + FIRST_CALL_SAMPLES} draws, "
+        f"BlackJAX's step size and diagonal), the loop alone: {_fmt(first_calls['rwmh-no-warmup'])}"
+    )
 
     first, second = _median(regress["first"]), _median(regress["second"])
     nuts = _median(numpyro)
@@ -249,6 +270,8 @@ def main(argv=None):
     print(f"  first rwmh regress / NumPyro NUTS script: {first / nuts:.2f} (at most 1.5)")
     print(f"  second rwmh regress / first:              {second / first:.2f} (at most 0.5)")
     print(f"  first rwmh.sample / first BlackJAX call:  {ratio_d:.2f} (at most 1.5)")
+    loop_alone = _median(first_calls["rwmh-no-warmup"]) / _median(first_calls["blackjax"])
+    print(f"  (information) rwmh.sample without warmup / BlackJAX: {loop_alone:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -250,6 +252,22 @@ def test_equal_mass_modes_keep_their_chains():
 
 
 # --- the schedule and the compiled loop -----------------------------------------------------
+
+
+def test_slow_windows_are_numpyros_for_every_length_up_to_3000():
+    from numpyro.infer.hmc_util import build_adaptation_schedule
+
+    for num_steps in range(3001):
+        # NumPyro's list is (initial buffer, slow windows..., final buffer); below 20 steps
+        # it is one window that rwmh does not adapt the covariance in.
+        expected = [] if num_steps < 20 else build_adaptation_schedule(num_steps)[1:-1]
+        assert tuning.slow_windows(num_steps) == [tuple(w) for w in expected], num_steps
+
+
+def test_building_a_schedule_does_not_import_numpyro():
+    code = "import sys, rwmh.tuning as t; t.build_schedule(1000); print('numpyro' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_schedule_windows():

@@ -54,6 +54,7 @@ from rwmh.pmmh import EstimatedLogDensity
 __all__ = [
     "phase_keys",
     "chain_keys",
+    "run_keys",
     "step",
     "flat_dimension",
     "init_states",
@@ -93,6 +94,20 @@ def _fold_in_chains(rng_key, num_chains: int) -> Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         rng_key, jnp.arange(num_chains, dtype=jnp.uint32)
     )
+
+
+def run_keys(rng_key, num_chains: int) -> tuple[Array, Array]:
+    """The chain keys of both phases of a run of :func:`rwmh.sample`: ``chain_keys(k,
+    num_chains)`` for each ``k`` of ``phase_keys(rng_key)``, from one compiled call (the
+    same bits as those three calls, which compile three programs)."""
+    checks.check_key(rng_key)
+    return _run_keys(rng_key, int(num_chains))
+
+
+@partial(jax.jit, static_argnames=("num_chains",))
+def _run_keys(rng_key, num_chains: int) -> tuple[Array, Array]:
+    warmup_key, sampling_key = phase_keys(rng_key)
+    return _fold_in_chains(warmup_key, num_chains), _fold_in_chains(sampling_key, num_chains)
 
 
 def step(
@@ -277,6 +292,7 @@ def initial_state(
     cov_name="proposal_cov",
     warmup_key=None,
     logdensity_args=(),
+    run_key=None,
 ):
     """Batched chain states and a fresh :class:`rwmh.tuning.AdaptationState` for ``positions``.
 
@@ -284,7 +300,9 @@ def initial_state(
     has validated already) is validated against the positions' dimension here, outside
     ``jit`` where its values are concrete; errors call it ``cov_name``. For an
     :class:`rwmh.EstimatedLogDensity` the estimator is checked by tracing it (before anything
-    is compiled) and ``warmup_key`` draws the chains' ``u`` (:func:`init_keys`).
+    is compiled) and ``warmup_key`` draws the chains' ``u`` (:func:`init_keys`); given
+    ``run_key``, the key of a run of :func:`rwmh.sample`, instead, its warmup key
+    (:func:`phase_keys`) does, derived only for such a log density.
     """
     if not isinstance(proposal_cov, FactoredCov):
         proposal_cov = factor_proposal_cov(proposal_cov, flat_dimension(positions), cov_name)
@@ -294,6 +312,8 @@ def initial_state(
         one = jax.tree_util.tree_map(lambda x: x[0], positions)
         _bound(logdensity_fn, tuple(logdensity_args)).check(one)
         num_chains = jax.tree_util.tree_leaves(positions)[0].shape[0]
+        if run_key is not None:
+            warmup_key = phase_keys(run_key)[0]
         keys = init_keys(warmup_key, num_chains)
 
     def build(bind):

@@ -115,9 +115,12 @@ class Layout:
     def replicated(self, tree):
         return jax.tree_util.tree_map(lambda x: self._put(x, P()), tree)
 
-    def chain_keys(self, rng_key):
-        keys = chains.chain_keys(rng_key, self.num_padded)
-        return self._put(keys, P(CHAIN_AXIS))
+    def run_keys(self, rng_key):
+        """The chain keys of both phases (:func:`rwmh.chains.run_keys`), for the padded count
+        and sharded like the chains."""
+        return tuple(
+            self._put(keys, P(CHAIN_AXIS)) for keys in chains.run_keys(rng_key, self.num_padded)
+        )
 
     def chain_mask(self):
         """None without padding, so that the pooled statistics are computed as unsharded."""

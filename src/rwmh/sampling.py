@@ -314,7 +314,7 @@ def _drive(
     """
     settings = run.settings
     num_warmup, num_samples, thin = settings.num_warmup, settings.num_samples, settings.thin
-    warmup_key, sampling_key = chains.phase_keys(run.rng_key)
+    warmup_keys, sampling_keys = layout.run_keys(run.rng_key)
     bar = progress.progress_bar(show)
     owner = in_flight is None
     if owner:
@@ -336,7 +336,6 @@ def _drive(
                 schedule = tuning.build_schedule(
                     num_warmup, restart_stranded=settings.restart_stranded
                 )
-            keys = layout.chain_keys(warmup_key)
             # Only a padded layout passes a mask: without one the statistics are computed
             # exactly as the unsharded run computes them.
             chain_mask = layout.chain_mask()
@@ -346,7 +345,7 @@ def _drive(
                 carry["states"], carry["adapt"], info = run_warmup(
                     logdensity_fn,
                     settings.target_acceptance_rate,
-                    keys,
+                    warmup_keys,
                     carry["states"],
                     carry["adapt"],
                     layout.replicated(np.arange(first, first + length, dtype=np.uint32)),
@@ -374,7 +373,6 @@ def _drive(
             run.start_sampling()
 
         run_sampling = layout.sampling_fn()
-        keys = layout.chain_keys(sampling_key)
         step_size, proposal = layout.replicated((run.parameters["step_size"], run.proposal))
         bar.start("sampling", (num_samples - run.next_step) * thin)
 
@@ -383,7 +381,7 @@ def _drive(
                 logdensity_fn,
                 num_draws,
                 thin,
-                keys,
+                sampling_keys,
                 carry["states"],
                 step_size,
                 proposal,
@@ -770,7 +768,7 @@ def sample(
             step_size,
             proposal,
             dense,
-            warmup_key=chains.phase_keys(rng_key)[0],
+            run_key=rng_key,
             logdensity_args=logdensity_args,
         )
         checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")

@@ -71,6 +71,7 @@ __all__ = [
     "AdaptationInfo",
     "Schedule",
     "build_schedule",
+    "slow_windows",
     "default_target_acceptance_rate",
     "initial_step_size",
     "init",
@@ -205,10 +206,10 @@ def build_schedule(
 ) -> Schedule:
     """Stan's warmup windows for ``num_steps`` steps, as a :class:`Schedule`.
 
-    The window boundaries are NumPyro's (``numpyro.infer.hmc_util.build_adaptation_schedule``,
-    the same as Stan's and BlackJAX's: a 75-step initial buffer, slow windows of 25, 50, 100,
-    ... steps, the last absorbing what would be too short to stand alone, and a 50-step final
-    buffer; 15% and 10% buffers when those do not fit; no slow window below 20 steps). The
+    The window boundaries are Stan's (:func:`slow_windows`; the same as NumPyro's
+    ``build_adaptation_schedule`` and BlackJAX's: a 75-step initial buffer, slow windows of 25,
+    50, 100, ... steps, the last absorbing what would be too short to stand alone, and a 50-step
+    final buffer; 15% and 10% buffers when those do not fit; no slow window below 20 steps). The
     ``refresh`` and ``restart`` columns are rwmh's own: the in-window covariance refreshes and
     the straggler restarts that random-walk warmup needs and Stan's does not have.
 
@@ -229,23 +230,47 @@ def build_schedule(
     >>> [int(i) + 1 for i in schedule.window_end.nonzero()[0]]
     [100, 150, 250, 450, 950]
     """
-    # Imported here: NumPyro takes seconds to import, and `import rwmh` should not pay that.
-    from numpyro.infer.hmc_util import build_adaptation_schedule
-
     num_steps = checks.check_int(num_steps, "num_steps", 0)
     columns = np.zeros((4, num_steps), dtype=bool)
     slow_window, window_end, refresh, restart = columns
-    if num_steps >= 20:
-        # NumPyro's list is (initial buffer, slow windows..., final buffer), ends inclusive.
-        windows = build_adaptation_schedule(num_steps)[1:-1]
-        for number, (start, last) in enumerate(windows):
-            slow_window[start : last + 1] = True
-            window_end[last] = True
-            # Stranded chains restart at every window end but the last.
-            restart[last] = restart_stranded and number < len(windows) - 1
-            if refresh_interval > 0:
-                refresh[start + refresh_interval - 1 : last : refresh_interval] = True
+    windows = slow_windows(num_steps)
+    for number, (start, last) in enumerate(windows):
+        slow_window[start : last + 1] = True
+        window_end[last] = True
+        # Stranded chains restart at every window end but the last.
+        restart[last] = restart_stranded and number < len(windows) - 1
+        if refresh_interval > 0:
+            refresh[start + refresh_interval - 1 : last : refresh_interval] = True
     return Schedule(slow_window, window_end, refresh, restart)
+
+
+def slow_windows(num_steps: int) -> list[tuple[int, int]]:
+    """The slow windows of Stan's warmup of ``num_steps`` steps, ``(first, last)`` step
+    indices, ends inclusive; none below 20 steps.
+
+    Stan's rule (Stan Reference Manual, "Automatic parameter tuning"): an initial buffer of
+    75 steps, a terminal buffer of 50 and a first slow window of 25; when the three do not fit,
+    buffers of 15% and 10% of the steps (rounded down) and one window of what is left. Each
+    window is twice as long as the one before, and a window is stretched to the terminal
+    buffer when the next one would not fit (less than three times its length remains).
+    ``tests/test_adaptation.py`` checks it against NumPyro's ``build_adaptation_schedule``,
+    which was used here before; it is written out because importing NumPyro costs the first
+    :func:`rwmh.sample` call about half a second.
+    """
+    if num_steps < 20:
+        return []
+    initial, terminal, size = 75, 50, 25
+    if initial + terminal + size > num_steps:
+        initial, terminal = int(0.15 * num_steps), int(0.1 * num_steps)
+        size = num_steps - initial - terminal
+    end = num_steps - terminal
+    windows, start = [], initial
+    while start < end:
+        if 3 * size > end - start:
+            size = end - start
+        windows.append((start, start + size - 1))
+        start, size = start + size, 2 * size
+    return windows
 
 
 def init(
@@ -477,5 +502,13 @@ def update(
 
 
 def final(state: AdaptationState) -> dict:
-    """The adapted ``{"step_size", "proposal_cov"}``: the averaged step size is used."""
-    return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
+    """The adapted ``{"step_size", "proposal_cov"}``: the averaged step size is used.
+
+    Outside ``jit`` the step size is computed on the host, with numpy, so that no program is
+    compiled for one number (that cost the first :func:`rwmh.sample` call about 0.1 s).
+    """
+    try:
+        log_step_size = np.asarray(state.log_step_size_avg)
+    except jax.errors.TracerArrayConversionError:
+        return {"step_size": jnp.exp(state.log_step_size_avg), "proposal_cov": state.proposal_cov}
+    return {"step_size": np.asarray(np.exp(log_step_size)), "proposal_cov": state.proposal_cov}
