@@ -232,6 +232,21 @@ def test_auto_warmup_takes_pytree_positions(auto_run):
     np.testing.assert_allclose(flat, reference.positions, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_warmup_final_buffer_grows_when_few_chains_pool():
+    # As in a fixed warmup (tuning.final_buffer_extension), in whole 25-step chunks, and
+    # never taking the initial buffer or the first window from under the cap.
+    def final_buffer(max_steps, num_chains):
+        return warmup_length.AutoWarmup(max_steps, True, num_chains=num_chains).final_buffer
+
+    assert [final_buffer(100_000, c) for c in (1, 2, 3, 4, 8, None)] == [200, 100, 75, 50, 50, 50]
+    assert final_buffer(150, 1) == 50 and final_buffer(200, 1) == 100
+    # The cap cuts the windows before the longer buffer: 300 steps leave one 25-step window.
+    result = rwmh.sample(jax.random.key(4), ROTATED, ROTATED_INITIAL[:1], max_warmup=300, **AUTO)
+    report = result.extra["warmup"]
+    assert report["reason"] == "cap" and result.num_warmup == 300
+    assert [window[:2] for window in report["windows"]] == [[75, 100]]
+
+
 def test_bad_num_warmup_is_refused():
     with pytest.raises(TypeError, match="num_warmup"):
         rwmh.sample(jax.random.key(0), correlated, INITIAL, num_warmup="long")

@@ -117,7 +117,9 @@ def window_adaptation(
             logdensity_args=logdensity_args,
         )
         checks.check_finite_logdensity(states.logdensity, "positions")
-        schedule = tuning.build_schedule(num_steps, restart_stranded=restart_stranded)
+        schedule = tuning.build_schedule(
+            num_steps, restart_stranded=restart_stranded, num_chains=num_chains
+        )
         step_indices = np.arange(num_steps, dtype=np.uint32)
         # The run's key is the warmup key (see rwmh.chains on keys).
         keys = chains.chain_keys(rng_key, num_chains)

@@ -530,7 +530,9 @@ class RWMH(MCMCKernel):
         check_step_size(self._step_size, dtype=flat_one.dtype)
 
         num_warmup = int(num_warmup)
-        schedule = tuning.build_schedule(num_warmup)
+        # The chains that pool their acceptance: the batch in vectorized mode, else this one.
+        num_chains = jnp.shape(rng_key)[0] if vectorized else 1
+        schedule = tuning.build_schedule(num_warmup, num_chains=num_chains)
         if not self._adapt_proposal_cov:
             # No slow window: the adaptation then leaves the covariance alone.
             schedule = tuning.Schedule(*(np.zeros_like(column) for column in schedule))

@@ -229,7 +229,10 @@ def _auto_warmup(run: Run, layout: Layout) -> warmup_length.AutoWarmup:
     """The planner of ``num_warmup="auto"``, continued from ``run`` (fresh or resumed at a
     window end)."""
     auto = warmup_length.AutoWarmup(
-        run.settings.num_warmup, run.settings.restart_stranded, run.warmup_report
+        run.settings.num_warmup,
+        run.settings.restart_stranded,
+        run.warmup_report,
+        num_chains=run.settings.num_chains,
     )
     if auto.windows:
         # Resumed at a window end: the covariance adapted there is the one to compare with.
@@ -334,7 +337,9 @@ def _drive(
             else:
                 bar.start("warmup", num_warmup - run.next_step)
                 schedule = tuning.build_schedule(
-                    num_warmup, restart_stranded=settings.restart_stranded
+                    num_warmup,
+                    restart_stranded=settings.restart_stranded,
+                    num_chains=settings.num_chains,
                 )
             # Only a padded layout passes a mask: without one the statistics are computed
             # exactly as the unsharded run computes them.

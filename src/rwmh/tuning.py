@@ -24,7 +24,9 @@ parameters"), carried over to random-walk Metropolis and to many chains at once:
   draws are few, ``w S + (1 - w) 1e-3 diag(S)`` with ``w = n / (n + 5)`` (Stan's
   regulariser, made scale-free so that it does not distort parameters on tiny scales), and
   the step size restarts from ``2.38 / sqrt(d)`` (Roberts, Gelman & Gilks 1997).
-* A final fast phase (default 50 steps) where only the step size adapts.
+* A final fast phase (default 50 steps) where only the step size adapts. With fewer than four
+  chains it is longer (at least 200 chain-steps, see :func:`final_buffer_extension`): the
+  step size used after warmup rests on this phase alone.
 
 The step size follows a Robbins-Monro recursion on its logarithm (Andrieu & Thoms 2008),
 ``log s <- log s + (t + 1)^(-0.6) (abar - target)``, where ``abar`` is the mean acceptance
@@ -72,6 +74,7 @@ __all__ = [
     "Schedule",
     "build_schedule",
     "slow_windows",
+    "final_buffer_extension",
     "default_target_acceptance_rate",
     "initial_step_size",
     "init",
@@ -201,15 +204,55 @@ class Schedule(NamedTuple):
         return Schedule(*(jnp.asarray(column)[index] for column in self))
 
 
+#: Chain-steps the final buffer gives the step size at least: its length is
+#: ``max(50, ceil(FINAL_CHAIN_STEPS / num_chains))`` where the warmup has room (see
+#: :func:`final_buffer_extension`).
+FINAL_CHAIN_STEPS = 200
+#: Stan's final buffer, and the least warmup that has Stan's fixed buffers (75 + 25 + 50).
+_STAN_FINAL_BUFFER = 50
+_STAN_MIN_STEPS = 150
+
+
+def final_buffer_extension(num_steps: int, num_chains: int | None) -> int:
+    """Steps the final buffer grows beyond Stan's 50 when few chains pool their acceptance.
+
+    The step size used after warmup rests on the final buffer alone: the step-size recursion
+    restarts at the last window end (as Stan's and NumPyro's dual averaging do), which also
+    erases whatever rounding the pooled covariance put into it, so that runs over other device
+    layouts agree. The acceptance rates of ``C`` chains over 50 steps pin the step size's root
+    to about ``0.04 / sqrt(C)`` in acceptance (the sampling acceptance of one chain scattered
+    by 0.041 around the target of a 5-d Gaussian, of 64 pooled chains by 0.005). So the final
+    buffer holds at least :data:`FINAL_CHAIN_STEPS` chain-steps: 200 steps for one chain, 100
+    for two, 67 for three, Stan's 50 from four chains on (one chain's scatter: 0.032). Carrying
+    the step size over the last window end instead would use the slow window's steps too, but
+    it carries the covariance's rounding into the draws, which then differ between layouts;
+    a longer buffer keeps the restart. The extra steps come out of the slow windows,
+    whose boundaries are NumPyro's for ``num_steps`` less the extension; it never leaves
+    fewer than Stan's 150 steps to the buffers and first window, and is 0 where those do not
+    fit (then NumPyro's proportional buffers apply unchanged) and for ``num_chains=None``.
+    The result depends on the global chain count and ``num_steps`` only, so it is the same
+    on every process and device layout.
+    """
+    if num_chains is None or num_steps < _STAN_MIN_STEPS:
+        return 0
+    wanted = -(-FINAL_CHAIN_STEPS // max(int(num_chains), 1)) - _STAN_FINAL_BUFFER
+    return int(min(max(wanted, 0), num_steps - _STAN_MIN_STEPS))
+
+
 def build_schedule(
-    num_steps: int, refresh_interval: int = REFRESH_INTERVAL, restart_stranded: bool = True
+    num_steps: int,
+    refresh_interval: int = REFRESH_INTERVAL,
+    restart_stranded: bool = True,
+    num_chains: int | None = None,
 ) -> Schedule:
     """Stan's warmup windows for ``num_steps`` steps, as a :class:`Schedule`.
 
     The window boundaries are Stan's (:func:`slow_windows`; the same as NumPyro's
     ``build_adaptation_schedule`` and BlackJAX's: a 75-step initial buffer, slow windows of 25,
     50, 100, ... steps, the last absorbing what would be too short to stand alone, and a 50-step
-    final buffer; 15% and 10% buffers when those do not fit; no slow window below 20 steps). The
+    final buffer; 15% and 10% buffers when those do not fit; no slow window below 20 steps).
+    With fewer than four chains pooled (``num_chains``) the final buffer is longer, so that the
+    final step size rests on at least 200 chain-steps (:func:`final_buffer_extension`). The
     ``refresh`` and ``restart`` columns are rwmh's own: the in-window covariance refreshes and
     the straggler restarts that random-walk warmup needs and Stan's does not have.
 
@@ -222,6 +265,9 @@ def build_schedule(
     restart_stranded
         Whether stranded chains restart at the window ends (the ``restart`` column); False
         leaves that column all False.
+    num_chains
+        The number of chains whose acceptance rates the step size pools (all chains of the
+        run, over every process); None gives NumPyro's boundaries whatever the chains.
 
     Examples
     --------
@@ -231,9 +277,12 @@ def build_schedule(
     [100, 150, 250, 450, 950]
     """
     num_steps = checks.check_int(num_steps, "num_steps", 0)
+    if num_chains is not None:
+        num_chains = checks.check_int(num_chains, "num_chains", 1)
     columns = np.zeros((4, num_steps), dtype=bool)
     slow_window, window_end, refresh, restart = columns
-    windows = slow_windows(num_steps)
+    # The extension only lengthens the final buffer.
+    windows = slow_windows(num_steps - final_buffer_extension(num_steps, num_chains))
     for number, (start, last) in enumerate(windows):
         slow_window[start : last + 1] = True
         window_end[last] = True

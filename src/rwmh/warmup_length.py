@@ -19,12 +19,13 @@ adaptation has *settled*:
   windows of 100 steps or more).
 * **No chain was stranded.** No chain restarted at this window end (:mod:`rwmh.stragglers`).
 
-Then the 50-step final buffer follows and warmup ends. A window that would run past the cap
-(``max_warmup``, less the final buffer) is cut there and is the last one, and the result says
-that the cap ended warmup. Every chunk is ``CHUNK`` (25) steps long, so warmup compiles one
-program whatever its length; the windows are data (:class:`rwmh.tuning.Schedule` rows made
-here on the host), and a window end waits for its chunk before the next chunk is dispatched,
-so that the decision is made first.
+Then the 50-step final buffer follows and warmup ends (longer when fewer than four chains pool
+their acceptance, as in a fixed warmup: :func:`rwmh.tuning.final_buffer_extension`). A window
+that would run past the cap (``max_warmup``, less the final buffer) is cut there and is the
+last one, and the result says that the cap ended warmup. Every chunk is ``CHUNK`` (25) steps
+long, so warmup compiles one program whatever its length; the windows are data
+(:class:`rwmh.tuning.Schedule` rows made here on the host), and a window end waits for its
+chunk before the next chunk is dispatched, so that the decision is made first.
 
 References
 ----------
@@ -125,11 +126,25 @@ class AutoWarmup:
     report
         The report of a run resumed from a checkpoint (``run.warmup_report``), written at a
         window end; None for a fresh run.
+    num_chains
+        The run's number of chains: with fewer than four the final buffer is longer, as in
+        a fixed warmup (:func:`rwmh.tuning.final_buffer_extension`, rounded up to whole
+        chunks); None keeps :data:`FINAL_BUFFER`.
     """
 
-    def __init__(self, max_steps: int, restart_stranded: bool, report: dict | None = None):
+    def __init__(
+        self,
+        max_steps: int,
+        restart_stranded: bool,
+        report: dict | None = None,
+        num_chains: int | None = None,
+    ):
         self.max_steps = max_steps
         self.restart_stranded = restart_stranded
+        extension = -(-tuning.final_buffer_extension(max_steps, num_chains) // CHUNK) * CHUNK
+        #: The final buffer's length: a multiple of CHUNK that leaves MIN_STEPS - FINAL_BUFFER
+        #: steps to the initial buffer and the first window under the cap.
+        self.final_buffer = FINAL_BUFFER + min(extension, max_steps - MIN_STEPS)
         self.windows = [] if report is None else [list(w) for w in report["windows"]]
         self.end = None if report is None else report.get("steps")
         self.reason = None if report is None else report.get("reason")
@@ -146,7 +161,7 @@ class AutoWarmup:
     def _window(self, number: int) -> tuple[int, int]:
         start = INITIAL_BUFFER + FIRST_WINDOW * (2**number - 1)
         end = start + FIRST_WINDOW * 2**number
-        return start, min(end, self.max_steps - FINAL_BUFFER)
+        return start, min(end, self.max_steps - self.final_buffer)
 
     def _plan_from_report(self) -> None:
         self._extend(INITIAL_BUFFER)
@@ -171,7 +186,7 @@ class AutoWarmup:
         window_end[end - 1] = True
         refresh[start + CHUNK - 1 : end - 1 : CHUNK] = True
         # Cut by the cap, a window is the last one: no restart before the final buffer.
-        restart[end - 1] = self.restart_stranded and end < self.max_steps - FINAL_BUFFER
+        restart[end - 1] = self.restart_stranded and end < self.max_steps - self.final_buffer
         self._planned = end
 
     def steps(self, first: int, length: int) -> tuning.Schedule:
@@ -218,9 +233,9 @@ class AutoWarmup:
         self.windows.append([start, end, b, rhat, restarted])
         self.previous_cov = np.asarray(covariance)
         self.trace_positions, self.trace_lp = [], []
-        if settled or end >= self.max_steps - FINAL_BUFFER:
+        if settled or end >= self.max_steps - self.final_buffer:
             self.reason = "settled" if settled else "cap"
-            self.end = end + FINAL_BUFFER
+            self.end = end + self.final_buffer
             self._extend(self.end)
         else:
             self._add_window(number + 1)
