@@ -112,7 +112,7 @@ def test_chunked_equals_unchunked_exactly():
 def test_chain_block_divides_the_chains():
     assert chains.chain_block(chains.BLOCK_ABOVE) is None
     assert chains.chain_block(65536) == 8192
-    assert chains.chain_block(20000) == 5000
+    assert chains.chain_block(40000) == 8000
     # 16,411 is prime: no block size divides it, so no blocks (a shorter last block would
     # be compiled on its own).
     assert chains.chain_block(16411 * 2) is None

@@ -97,7 +97,7 @@ def _fold_in_chains(rng_key, num_chains: int) -> Array:
 
 #: On a CPU, more chains than this step in blocks (see :func:`step`) of at most
 #: :data:`CHAIN_BLOCK` and at least :data:`MIN_CHAIN_BLOCK` chains.
-BLOCK_ABOVE = 16384
+BLOCK_ABOVE = 32768
 CHAIN_BLOCK = 8192
 MIN_CHAIN_BLOCK = 2048
 
@@ -131,11 +131,12 @@ def step(
 
     ``blocked`` (static): with more than :data:`BLOCK_ABOVE` chains, step them a block of
     :func:`chain_block` chains at a time (``lax.map`` with ``batch_size``): the draws of one
-    chain are those of no blocks up to float rounding (identical at 20,000, 24,000 and 65,536
-    chains, where it was checked), and the same with or without chunks. Vmapped over all
-    chains at once, every intermediate of the step is an array over all chains, and past
-    about 16,384 chains these no longer fit in a CPU's cache: each chain-step then costs about
-    twice as much (measured on 2 cores with 2 MiB of L2 each), in warmup and sampling alike.
+    chain are those of no blocks up to float rounding (identical where it was checked: 20,000,
+    24,000 and 65,536 chains in blocks of 5,000, 8,000 and 8,192), and the same with or without
+    chunks. Vmapped over all chains at once, every intermediate of the step is an array over
+    all chains, and past about 32,768 chains these no longer fit in a CPU's cache: each
+    chain-step then costs about twice as much (measured on 2 cores with 2 MiB of L2 each), in
+    warmup and sampling alike; at 16,384 and 32,768 chains blocks cost more than they save.
     Meant for one CPU device; on a GPU, or sharded, all chains at once is right.
     """
 
