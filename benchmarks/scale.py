@@ -12,12 +12,15 @@ count do not depend on what an earlier one compiled.
   ``S`` steps, keeping every 10th state (thinning happens inside the compiled loop), so that the
   copy of the draws to the host is a small part of the time, as in a real run.
 * Compilation is excluded: each function is called once first (which compiles it for this
-  chain count), then timed on a second call with another key and the same shapes, which
-  ``jax.jit`` serves from its cache. The fastest of the timed calls counts (the machine may be
-  shared, and slower calls measure the neighbours). The figure is chain-steps per second,
-  ``chains x steps / seconds``.
+  chain count), then timed on later calls with other keys and the same shapes, which
+  ``jax.jit`` serves from its cache. Timed warmup and sampling calls alternate (3 pairs, 5 up
+  to 4,096 chains), so that both see the same load on a shared machine, and the fastest call
+  of each kind counts (slower calls measure the neighbours). The figure is chain-steps per
+  second, ``chains x steps / seconds``.
 * Linear growth: between successive chain counts, ``log(T2 / T1) / log(C2 / C1)`` for the
-  warmup wall times ``T``; at most 1 (up to timing noise, 1.1 here) is linear or better.
+  warmup wall times ``T``; at most 1 (up to timing noise, 1.1 here) is linear or better. The
+  same exponent for sampling is printed beside it: where both exceed 1 the machine (its
+  caches), not warmup, is what grows faster than the chains.
 * A count whose child runs past ``--budget`` seconds is stopped; what it measured so far is
   printed (with warmup still O(C^2), rwmh 0.1 needs this above a few thousand chains), and
   larger counts are skipped, since they would take longer still.
@@ -80,13 +83,10 @@ def _emit(**figures):
     print(json.dumps(figures), flush=True)
 
 
-def _best_of(repeats, call):
-    seconds = float("inf")
-    for repeat in range(repeats):
-        begin = time.perf_counter()
-        call(repeat)
-        seconds = min(seconds, time.perf_counter() - begin)
-    return seconds
+def _seconds(call, *args, **kwargs):
+    begin = time.perf_counter()
+    call(*args, **kwargs)
+    return time.perf_counter() - begin
 
 
 def _child_throughput(config: dict) -> None:
@@ -105,8 +105,10 @@ def _child_throughput(config: dict) -> None:
     begin = time.perf_counter()
     _, parameters, _ = run_warmup(0)
     _emit(warmup_first_call=time.perf_counter() - begin)
-    seconds = _best_of(repeats, lambda repeat: run_warmup(1 + repeat))
-    _emit(warmup_seconds=seconds)
+    # A warmup as slow as rwmh 0.1's is timed once before sampling compiles, so that a child
+    # stopped by the budget still reports it.
+    warmup_seconds = _seconds(run_warmup, 1)
+    _emit(warmup_seconds=warmup_seconds)
 
     kwargs = dict(
         num_samples=steps // THIN,
@@ -122,11 +124,16 @@ def _child_throughput(config: dict) -> None:
         sampling_first_call=time.perf_counter() - begin,
         acceptance_rate=float(np.mean(result.stats["acceptance_rate"])),
     )
-    seconds = _best_of(
-        repeats,
-        lambda repeat: rwmh.sample(jax.random.key(101 + repeat), logdensity, start, **kwargs),
-    )
-    _emit(sampling_seconds=seconds, max_rss_mb=_max_rss_mb())
+    sampling_seconds = float("inf")
+    for repeat in range(repeats):
+        # Alternating, so that the two kinds see the same load on a shared machine.
+        if repeat > 0:
+            warmup_seconds = min(warmup_seconds, _seconds(run_warmup, 1 + repeat))
+        key = jax.random.key(101 + repeat)
+        seconds = _seconds(rwmh.sample, key, logdensity, start, **kwargs)
+        sampling_seconds = min(sampling_seconds, seconds)
+        _emit(warmup_seconds=warmup_seconds, sampling_seconds=sampling_seconds)
+    _emit(max_rss_mb=_max_rss_mb())
 
 
 def _max_rss_mb() -> float:
@@ -187,6 +194,13 @@ def _in_child(config: dict, budget: float) -> tuple[dict, bool]:
     return figures, finished
 
 
+def _growth(previous, column, num_chains, seconds):
+    """``log(T2 / T1) / log(C2 / C1)`` against the previous row, or None if either is missing."""
+    if seconds is None or previous.get(column) is None:
+        return None
+    return math.log(seconds / previous[column]) / math.log(num_chains / previous["num_chains"])
+
+
 def _throughput_table(counts, steps, budget):
     print(
         f"\nWarmup ({steps} steps, window_adaptation.run) and sampling ({steps} steps, "
@@ -195,7 +209,8 @@ def _throughput_table(counts, steps, budget):
     )
     header = (
         f"{'chains':>8} {'warmup s':>9} {'warmup c-s/s':>13} {'sampling s':>11} "
-        f"{'sampling c-s/s':>15} {'warm/samp':>10} {'warmup us/chain':>16} {'growth':>7}"
+        f"{'sampling c-s/s':>15} {'warm/samp':>10} {'warmup us/chain':>16} {'growth':>7} "
+        f"{'samp growth':>12}"
     )
     print(header)
     rows = []
@@ -204,7 +219,7 @@ def _throughput_table(counts, steps, budget):
             "kind": "throughput",
             "num_chains": num_chains,
             "steps": steps,
-            "repeats": 3 if num_chains <= 4096 else 1,
+            "repeats": 5 if num_chains <= 4096 else 3,
         }
         begin = time.perf_counter()
         figures, finished = _in_child(config, budget)
@@ -228,16 +243,21 @@ def _throughput_table(counts, steps, budget):
         cells.append(f"{'n/a' if ratio is None else format(ratio, '.3g'):>10}")
         per_chain = None if warmup_s is None else 1e6 * warmup_s / num_chains
         cells.append(f"{'n/a' if per_chain is None else format(per_chain, '.1f'):>16}")
-        growth = None
-        if rows and rows[-1]["warmup_s"] is not None and warmup_s is not None:
-            previous = rows[-1]
-            growth = math.log(warmup_s / previous["warmup_s"]) / math.log(
-                num_chains / previous["num_chains"]
-            )
+        previous = rows[-1] if rows else {}
+        growth = _growth(previous, "warmup_s", num_chains, warmup_s)
+        sampling_growth = _growth(previous, "sampling_s", num_chains, sampling_s)
         cells.append(f"{'' if growth is None else format(growth, '.2f'):>7}")
+        cells.append(f"{'' if sampling_growth is None else format(sampling_growth, '.2f'):>12}")
         print(" ".join(cells), flush=True)
         rows.append(
-            dict(num_chains=num_chains, warmup_s=warmup_s, ratio=ratio, growth=growth, **figures)
+            dict(
+                num_chains=num_chains,
+                warmup_s=warmup_s,
+                sampling_s=sampling_s,
+                ratio=ratio,
+                growth=growth,
+                **figures,
+            )
         )
         if not finished:
             note = (

@@ -109,6 +109,47 @@ def test_chunked_equals_unchunked_exactly():
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(chunked.positions))
 
 
+def test_chain_block_divides_the_chains():
+    assert chains.chain_block(chains.BLOCK_ABOVE) is None
+    assert chains.chain_block(65536) == 8192
+    assert chains.chain_block(40000) == 8000
+    # 16,411 is prime: no block size divides it, so no blocks (a shorter last block would
+    # be compiled on its own).
+    assert chains.chain_block(16411 * 2) is None
+
+
+def test_blocked_step_keeps_the_draws(monkeypatch):
+    """Stepping chains in blocks (many chains on a CPU) keeps the draws: chunked equals
+    unchunked exactly with blocks, and blocks of 8 of 48 chains give the draws of no blocks up
+    to float rounding (XLA may vectorise a block of 8 differently from 48 chains at once)."""
+    positions = scale_worker.initial_gaussian(48)
+
+    def run(**kwargs):
+        # A new function each time: its own compiled programs, traced with the settings now.
+        def logdensity(x):
+            return scale_worker.gaussian_logdensity(x)
+
+        return rwmh.sample(jax.random.key(5), logdensity, positions, **RUN, **kwargs)
+
+    monkeypatch.setattr(chains, "BLOCK_ABOVE", 16)
+    monkeypatch.setattr(chains, "CHAIN_BLOCK", 8)
+    monkeypatch.setattr(chains, "MIN_CHAIN_BLOCK", 4)
+    assert chains.chain_block(48) == 8
+    blocked, blocked_chunked = run(), run(chunk_size=10)
+    monkeypatch.setattr(chains, "BLOCK_ABOVE", 10**9)
+    assert chains.chain_block(48) is None
+    whole = run()
+    pairs = zip(
+        jax.tree.leaves((blocked.positions, blocked.warmup_info.acceptance_rate)),
+        jax.tree.leaves((blocked_chunked.positions, blocked_chunked.warmup_info.acceptance_rate)),
+        jax.tree.leaves((whole.positions, whole.warmup_info.acceptance_rate)),
+        strict=True,
+    )
+    for a, chunked, unblocked in pairs:
+        np.testing.assert_array_equal(a, chunked)
+        np.testing.assert_allclose(a, unblocked, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [
