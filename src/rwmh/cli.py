@@ -45,6 +45,8 @@ MIN_ESS = 400
 MAX_SAMPLES = 100_000
 #: Draws per chain with --fixed.
 FIXED_SAMPLES = 5000
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 
 PROG = "rwmh"
@@ -369,7 +371,9 @@ def _regress(args) -> int:
     else:
         x, y = read_xy(args.csv, args.x, args.y)
         source = f"{args.csv}: {len(x)} rows, x={args.x!r}, y={args.y!r}"
-    print(f"rwmh regress: {source}")
+    # Flushed: on a pipe stdout is block-buffered, and these lines say what the run (which
+    # can take long) is doing while it runs, not after it ends.
+    print(f"rwmh regress: {source}", flush=True)
     until = None
     if args.fixed:
         samples = FIXED_SAMPLES if args.samples is None else args.samples
@@ -383,7 +387,7 @@ def _regress(args) -> int:
             f"until bulk and tail ESS >= {args.min_ess:g} and R-hat <= {args.max_rhat:g} (at "
             f"most {samples} draws per chain)"
         )
-    print(f"RWMH: {args.chains} chains, {args.warmup} warmup steps, {length}")
+    print(f"RWMH: {args.chains} chains, {args.warmup} warmup steps, {length}", flush=True)
     from rwmh.convergence import ConvergenceWarning
 
     with warnings.catch_warnings():
@@ -537,8 +541,25 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as interrupt:  # Ctrl-C is an answer, not a crash: no traceback
         detail = f" {interrupt}" if str(interrupt) else ""
         print(f"{parser.prog} {args.command}: interrupted{detail}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+def command_line() -> None:
+    """The ``rwmh`` program: :func:`main` on ``sys.argv``, exiting with its status.
+
+    After Ctrl-C the process ends with ``os._exit`` once the output is flushed, without the
+    interpreter's finalisation: Ctrl-C interrupts the wait for an XLA compilation, not the
+    compilation, which goes on in a thread of jaxlib's pool, and finalisation frees the JAX
+    client under it (seen as SIGSEGV after "interrupted"). Nothing else is pending then: the
+    command's own clean-up (a partial ``--out`` file) ran before :func:`main` returned.
+    """
+    status = main()
+    if status == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_line()
