@@ -420,3 +420,25 @@ def test_ctrl_c_at_20_random_moments_of_regress(tmp_path):
     # Before sampling (importing, compiling, warming up) and in it were both hit.
     in_sampling = [m["sampling"] is not None for m in moments[1::2]]  # the terminal runs
     assert any(in_sampling) and not all(in_sampling), (horizon, moments)
+
+
+def test_ctrl_c_while_importing_rwmh_is_a_keyboard_interrupt():
+    """Before the fix a SIGINT while ``import rwmh`` imported jaxlib became ``ImportError:
+    Encountered an error while initializing the extension``, or was lost and the program went
+    on (``rwmh regress`` then ran to the end and exited 0)."""
+    import signal
+    import time
+
+    code = "import rwmh; print('imported', flush=True); import time; time.sleep(60)"
+    env = dict(os.environ, PYTHONPATH=SRC, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    time.sleep(0.2)  # importing JAX alone takes longer
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    err = err.decode()
+    assert out == b"", "the signal came after the import"
+    assert process.returncode == -signal.SIGINT, err
+    assert err.rstrip().splitlines()[-1] == "KeyboardInterrupt", err
+    assert "ImportError" not in err
