@@ -8,7 +8,7 @@ NumPyro ``MCMCKernel`` and ArviZ output. ``docs/architecture.md`` maps the modul
 from rwmh import _ctrl_c
 
 # Ctrl-C during these imports (seconds: JAX, NumPyro, ArviZ) is raised once they are done.
-with _ctrl_c.deferred():
+with _ctrl_c.deferred_import():
     from rwmh.adaptation import window_adaptation
     from rwmh.arviz import to_inference_data
     from rwmh.convergence import Converged, ConvergenceWarning, superchain_positions

@@ -269,6 +269,7 @@ def fit_regression(
     import jax.numpy as jnp
 
     import rwmh
+    from rwmh import _ctrl_c
     from rwmh.models import linear_regression
     from rwmh.numpyro import initialize
 
@@ -288,6 +289,8 @@ def fit_regression(
             f"(NumPyro: {str(error).splitlines()[0]})"
         ) from None
 
+    if _ctrl_c.presses():  # held while NumPyro compiled (rwmh regress)
+        raise KeyboardInterrupt
     potential_fn = potential_fn_gen(x, y)
     postprocess_fn = postprocess_fn_gen(x, y)
 
@@ -306,12 +309,14 @@ def fit_regression(
             progress_bar=progress_bar,
             until=until,
         )
-    if result.extra.get("interrupted"):
+    if result.extra.get("interrupted") or _ctrl_c.presses():
         # A part of the run is no fit: never summarise or save it as one.
         raise KeyboardInterrupt(
             f"after {result.num_draws} of {num_samples} draws per chain; nothing was written"
         )
     constrained = jax.vmap(jax.vmap(postprocess_fn))(result.positions)
+    if _ctrl_c.presses():
+        raise KeyboardInterrupt(f"after the {num_samples} draws per chain; nothing was written")
     constrained = {name: constrained[name] for name in REGRESSION_VARIABLES}
     stats = dict(result.stats)
     stats["step_size"] = result.parameters["step_size"]
@@ -348,16 +353,8 @@ def _check_output(path: str | None, option: str) -> None:
         raise InputError(f"{option} {path!r}: directory {directory!r} is not writable")
 
 
-def _regress(args) -> int:
-    _check_output(args.out, "--out")
-    _check_output(args.plot, "--plot")
-    if args.plot is not None:
-        from rwmh.arviz import plot_format
-
-        try:
-            plot_format(args.plot)
-        except ValueError as error:
-            raise InputError(f"--plot: {error}") from None
+def _fit(args):
+    """The data, the fit and what was said about them: ``(source, x, y, until, idata)``."""
     if args.csv is None:
         import jax
 
@@ -403,6 +400,28 @@ def _regress(args) -> int:
             progress_bar=not args.no_progress,
             until=until,
         )
+    return source, x, y, until, idata
+
+
+def _regress(args) -> int:
+    _check_output(args.out, "--out")
+    _check_output(args.plot, "--plot")
+    if args.plot is not None:
+        from rwmh.arviz import plot_format
+
+        try:
+            plot_format(args.plot)
+        except ValueError as error:
+            raise InputError(f"--plot: {error}") from None
+    from rwmh import _ctrl_c
+
+    # Ctrl-C is held while JAX works (it would land inside a compilation), and acted on where
+    # nothing is in flight: before and after NumPyro's initialisation, at rwmh.sample's chunk
+    # boundaries, and here once the fit is done.
+    with _ctrl_c.deferring():
+        source, x, y, until, idata = _fit(args)
+        if _ctrl_c.presses():
+            raise KeyboardInterrupt
     if until is not None:
         print(f"sampling stopped: {idata.attrs['rwmh_stop']}")
     acceptance = float(idata.sample_stats["acceptance_rate"].mean())
