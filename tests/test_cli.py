@@ -257,57 +257,188 @@ def test_rhat_warning_matches_the_summary(capsys):
     )
 
 
-@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
-def test_ctrl_c_exits_130_saying_interrupted_and_writes_nothing(terminal, tmp_path):
-    """SIGINT while ``rwmh regress`` samples. Before the fix it exited 0 and wrote ``fit.nc``
-    with a fraction of the draws as if complete (terminal), or crashed in ArviZ's summary of
-    a run with no draws (no terminal)."""
+# --- Ctrl-C: a subprocess and SIGINT ---------------------------------------------------------
+
+#: A run that cannot end before the signals below: sampling never converges (ESS 1e9), so it
+#: goes on to the cap of 10**6 draws per chain, and the convergence checks keep its chunks short.
+CTRL_C_SAMPLES = 10**6
+CTRL_C_ARGV = ["regress", "--warmup", "100000", "--samples", str(CTRL_C_SAMPLES)]
+CTRL_C_ARGV += ["--min-ess", "1e9", "--no-compilation-cache"]
+#: What the bar shows once sampling has recorded a chunk: "sampling:   3%|...| 3400/1000000".
+SAMPLING_BAR = re.compile(r"sampling:[^|\r\n]*\|[^|\r\n]*\|\s*(\d+)/")
+INTERRUPTED = re.compile(
+    r"rwmh regress: interrupted( after (\d+) of \d+ draws per chain; nothing was written)?"
+)
+
+
+def _interrupt_regress(tmp_path, terminal: bool, moment):
+    """Run ``rwmh regress`` in a subprocess and send it SIGINT at ``moment``: ``"header"`` (as
+    soon as the "RWMH:" line arrives, before the fit), ``"sampling"`` (once the bar shows a
+    sampling chunk), or a number of seconds after the start.
+
+    Returns ``(report, seen)``: what the process did, and ``{"started": seconds from the start
+    to the signal, "sampling": the bar's draws before it (None: not in sampling yet)}``.
+    """
     import signal
+    import threading
     import time
 
-    import jax
-
-    if not terminal and tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 12):
-        pytest.xfail(
-            "on Python 3.13 / jax 0.12 the child ran to the end (exit 0, nothing more on stdout "
-            "after two lines, the R-hat warning on stderr) despite the SIGINT; cause not found"
-        )
     out = tmp_path / "fit.nc"
-    # A long warmup, so that the signal lands before the end on fast and slow machines alike.
-    argv = [sys.executable, "-m", "rwmh.cli", "regress", "--samples", "1000"]
-    argv += ["--warmup", "400000", "--out", str(out), "--no-compilation-cache"]
-    env = dict(os.environ, PYTHONPATH=SRC, JAX_PLATFORMS="cpu")
+    argv = [sys.executable, "-m", "rwmh.cli", *CTRL_C_ARGV, "--out", str(out)]
+    # Without PYTHONUNBUFFERED: on a pipe stdout is block-buffered, as for every user.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(PYTHONPATH=SRC, JAX_PLATFORMS="cpu")
     if terminal:
+        import fcntl
         import pty
+        import struct
+        import termios
 
         controller, stderr = pty.openpty()  # stderr a terminal: the progress bar is on
+        # A new terminal is 0 columns wide, where tqdm draws nothing: give it a width.
+        fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
     else:
         controller, stderr = None, subprocess.PIPE
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    began = time.monotonic()
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=stderr)
+    if terminal:
+        os.close(stderr)
+    stdout, errors = [], []
+    header, sampling = threading.Event(), threading.Event()
+
+    def read_stdout():
+        for line in iter(process.stdout.readline, b""):
+            stdout.append(line.decode())
+            if line.startswith(b"RWMH:"):
+                header.set()
+
+    def read_errors():
+        # A reader at all times: a terminal or pipe nobody reads fills and blocks the child.
+        source = controller if terminal else process.stderr.fileno()
+        while True:
+            try:
+                chunk = os.read(source, 65536)
+            except OSError:  # the terminal's other side closed
+                break
+            if not chunk:
+                break
+            errors.append(chunk.decode(errors="replace"))
+            if any(int(n) > 0 for n in SAMPLING_BAR.findall("".join(errors[-2:]))):
+                sampling.set()
+
+    readers = [threading.Thread(target=read_stdout), threading.Thread(target=read_errors)]
+    for reader in readers:
+        reader.start()
     try:
-        assert process.stdout.readline().startswith("rwmh regress: built-in data")
-        assert process.stdout.readline().startswith("RWMH:")
-        time.sleep(5.0)
+        if moment == "header":
+            assert header.wait(120), "no RWMH: line"
+        elif moment == "sampling":
+            assert sampling.wait(300), "sampling never began"
+        else:
+            time.sleep(max(0.0, moment - (time.monotonic() - began)))
+        started = time.monotonic() - began
+        bar = SAMPLING_BAR.findall("".join(errors))
+        assert process.poll() is None, "the run ended before the signal"
         process.send_signal(signal.SIGINT)
-        remaining, err = process.communicate(timeout=120)
-        if terminal:
-            os.close(stderr)
-            err = os.read(controller, 1 << 20).decode(errors="replace")
+        process.wait(timeout=300)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate()
+            process.wait()
+        for reader in readers:
+            reader.join(timeout=30)
         if controller is not None:
             os.close(controller)
-    assert process.returncode == 130, (remaining, err)
-    assert "Traceback" not in err
+    report = {
+        "returncode": process.returncode,
+        "stdout": "".join(stdout),
+        "stderr": "".join(errors),
+        "wrote": out.exists() or (tmp_path / "fit.nc.partial").exists(),
+    }
+    return report, {"started": started, "sampling": int(bar[-1]) if bar else None}
+
+
+def _assert_interrupted(report, seen):
+    """Exit 130 with one line saying "interrupted", after every draw made before the signal."""
+    assert report["returncode"] == 130, (seen, report)
+    err = report["stderr"]
+    assert "Traceback" not in err and "Fatal Python error" not in err, err
     lines = [line for line in err.replace("\r", "\n").splitlines() if "interrupted" in line]
     assert len(lines) == 1, err
     # With the count of draws when the signal came once sampling had begun, the bare word
-    # when it came before (while compiling).
-    assert re.fullmatch(
-        r"rwmh regress: interrupted( after \d+ of 1000 draws per chain; nothing was written)?",
-        lines[0].strip(),
-    ), lines
-    assert not out.exists()
-    assert "wrote" not in remaining and "r_hat" not in remaining
+    # when it came before the sampler began (importing, compiling).
+    said = INTERRUPTED.fullmatch(lines[0].strip())
+    assert said, lines
+    if seen["sampling"] is not None:
+        # Every draw shown before the signal was computed, and is counted.
+        assert said.group(2) is not None and int(said.group(2)) >= seen["sampling"], (seen, said)
+    assert not report["wrote"]
+    assert "wrote" not in report["stdout"] and "r_hat" not in report["stdout"]
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_ctrl_c_exits_130_saying_interrupted_and_writes_nothing(terminal, tmp_path):
+    """SIGINT while ``rwmh regress`` runs. Before the fix it exited 0 and wrote ``fit.nc`` with
+    a fraction of the draws as if complete (terminal), or crashed in ArviZ's summary of a run
+    with no draws (no terminal). The "RWMH:" line is flushed: on a pipe it used to arrive only
+    when the process ended, after the run."""
+    report, seen = _interrupt_regress(tmp_path, terminal, "header")
+    _assert_interrupted(report, seen)
+
+
+def _interrupt_at_random_moments(tmp_path, count: int, seed: int):
+    """``count`` runs, each interrupted at a random moment from the start (importing) to
+    well into sampling, half with a terminal, half on pipes. The first run measures when
+    sampling begins; the run goes on long after it, so every moment falls inside the run."""
+    rng = np.random.default_rng(seed)
+    report, seen = _interrupt_regress(tmp_path / "0", True, "sampling")
+    _assert_interrupted(report, seen)
+    assert seen["sampling"] > 0
+    horizon = 2.0 * seen["started"]
+    moments = [seen]
+    for index in range(1, count):
+        path = tmp_path / str(index)
+        path.mkdir()
+        report, seen = _interrupt_regress(path, index % 2 == 0, float(rng.uniform(0, horizon)))
+        _assert_interrupted(report, seen)
+        moments.append(seen)
+    return moments, horizon
+
+
+def test_ctrl_c_at_random_moments_of_regress(tmp_path):
+    """Before the fix a SIGINT while JAX compiled (here during NumPyro's initialisation) printed
+    "interrupted" and then died of SIGSEGV: the interpreter's exit freed the JAX client under
+    the compilation that went on in a thread of jaxlib's pool."""
+    (tmp_path / "0").mkdir()
+    _interrupt_at_random_moments(tmp_path, 3, seed=0)
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_20_random_moments_of_regress(tmp_path):
+    (tmp_path / "0").mkdir()
+    moments, horizon = _interrupt_at_random_moments(tmp_path, 20, seed=1)
+    # Before sampling (importing, compiling, warming up) and in it were both hit.
+    in_sampling = [m["sampling"] is not None for m in moments[2::2]]  # the terminal runs
+    assert any(in_sampling) and not all(in_sampling), (horizon, moments)
+
+
+def test_ctrl_c_while_importing_rwmh_is_a_keyboard_interrupt():
+    """Before the fix a SIGINT while ``import rwmh`` imported jaxlib became ``ImportError:
+    Encountered an error while initializing the extension``, or was lost and the program went
+    on (``rwmh regress`` then ran to the end and exited 0)."""
+    import signal
+    import time
+
+    code = "import rwmh; print('imported', flush=True); import time; time.sleep(60)"
+    env = dict(os.environ, PYTHONPATH=SRC, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    time.sleep(0.2)  # importing JAX alone takes longer
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    err = err.decode()
+    assert out == b"", "the signal came after the import"
+    assert process.returncode == -signal.SIGINT, err
+    assert err.rstrip().splitlines()[-1] == "KeyboardInterrupt", err
+    assert "ImportError" not in err

@@ -45,6 +45,8 @@ MIN_ESS = 400
 MAX_SAMPLES = 100_000
 #: Draws per chain with --fixed.
 FIXED_SAMPLES = 5000
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 
 PROG = "rwmh"
@@ -267,6 +269,7 @@ def fit_regression(
     import jax.numpy as jnp
 
     import rwmh
+    from rwmh import _ctrl_c
     from rwmh.models import linear_regression
     from rwmh.numpyro import initialize
 
@@ -286,6 +289,8 @@ def fit_regression(
             f"(NumPyro: {str(error).splitlines()[0]})"
         ) from None
 
+    if _ctrl_c.presses():  # held while NumPyro compiled (rwmh regress)
+        raise KeyboardInterrupt
     potential_fn = potential_fn_gen(x, y)
     postprocess_fn = postprocess_fn_gen(x, y)
 
@@ -304,12 +309,14 @@ def fit_regression(
             progress_bar=progress_bar,
             until=until,
         )
-    if result.extra.get("interrupted"):
+    if result.extra.get("interrupted") or _ctrl_c.presses():
         # A part of the run is no fit: never summarise or save it as one.
         raise KeyboardInterrupt(
             f"after {result.num_draws} of {num_samples} draws per chain; nothing was written"
         )
     constrained = jax.vmap(jax.vmap(postprocess_fn))(result.positions)
+    if _ctrl_c.presses():
+        raise KeyboardInterrupt(f"after the {num_samples} draws per chain; nothing was written")
     constrained = {name: constrained[name] for name in REGRESSION_VARIABLES}
     stats = dict(result.stats)
     stats["step_size"] = result.parameters["step_size"]
@@ -346,16 +353,8 @@ def _check_output(path: str | None, option: str) -> None:
         raise InputError(f"{option} {path!r}: directory {directory!r} is not writable")
 
 
-def _regress(args) -> int:
-    _check_output(args.out, "--out")
-    _check_output(args.plot, "--plot")
-    if args.plot is not None:
-        from rwmh.arviz import plot_format
-
-        try:
-            plot_format(args.plot)
-        except ValueError as error:
-            raise InputError(f"--plot: {error}") from None
+def _fit(args):
+    """The data, the fit and what was said about them: ``(source, x, y, until, idata)``."""
     if args.csv is None:
         import jax
 
@@ -369,7 +368,9 @@ def _regress(args) -> int:
     else:
         x, y = read_xy(args.csv, args.x, args.y)
         source = f"{args.csv}: {len(x)} rows, x={args.x!r}, y={args.y!r}"
-    print(f"rwmh regress: {source}")
+    # Flushed: on a pipe stdout is block-buffered, and these lines say what the run (which
+    # can take long) is doing while it runs, not after it ends.
+    print(f"rwmh regress: {source}", flush=True)
     until = None
     if args.fixed:
         samples = FIXED_SAMPLES if args.samples is None else args.samples
@@ -383,7 +384,7 @@ def _regress(args) -> int:
             f"until bulk and tail ESS >= {args.min_ess:g} and R-hat <= {args.max_rhat:g} (at "
             f"most {samples} draws per chain)"
         )
-    print(f"RWMH: {args.chains} chains, {args.warmup} warmup steps, {length}")
+    print(f"RWMH: {args.chains} chains, {args.warmup} warmup steps, {length}", flush=True)
     from rwmh.convergence import ConvergenceWarning
 
     with warnings.catch_warnings():
@@ -399,6 +400,28 @@ def _regress(args) -> int:
             progress_bar=not args.no_progress,
             until=until,
         )
+    return source, x, y, until, idata
+
+
+def _regress(args) -> int:
+    _check_output(args.out, "--out")
+    _check_output(args.plot, "--plot")
+    if args.plot is not None:
+        from rwmh.arviz import plot_format
+
+        try:
+            plot_format(args.plot)
+        except ValueError as error:
+            raise InputError(f"--plot: {error}") from None
+    from rwmh import _ctrl_c
+
+    # Ctrl-C is held while JAX works (it would land inside a compilation), and acted on where
+    # nothing is in flight: before and after NumPyro's initialisation, at rwmh.sample's chunk
+    # boundaries, and here once the fit is done.
+    with _ctrl_c.deferring():
+        source, x, y, until, idata = _fit(args)
+        if _ctrl_c.presses():
+            raise KeyboardInterrupt
     if until is not None:
         print(f"sampling stopped: {idata.attrs['rwmh_stop']}")
     acceptance = float(idata.sample_stats["acceptance_rate"].mean())
@@ -537,8 +560,25 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as interrupt:  # Ctrl-C is an answer, not a crash: no traceback
         detail = f" {interrupt}" if str(interrupt) else ""
         print(f"{parser.prog} {args.command}: interrupted{detail}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+def command_line() -> None:
+    """The ``rwmh`` program: :func:`main` on ``sys.argv``, exiting with its status.
+
+    After Ctrl-C the process ends with ``os._exit`` once the output is flushed, without the
+    interpreter's finalisation: Ctrl-C interrupts the wait for an XLA compilation, not the
+    compilation, which goes on in a thread of jaxlib's pool, and finalisation frees the JAX
+    client under it (seen as SIGSEGV after "interrupted"). Nothing else is pending then: the
+    command's own clean-up (a partial ``--out`` file) ran before :func:`main` returned.
+    """
+    status = main()
+    if status == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_line()

@@ -18,10 +18,9 @@ same shapes does not compile again, whatever the values of ``logdensity_args``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import signal
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwmh import chains, checks, convergence, progress, stragglers, tuning, warmup_length
+from rwmh import _ctrl_c, chains, checks, convergence, progress, stragglers, tuning, warmup_length
 from rwmh import checkpoint as checkpoint_file
 from rwmh.devices import Layout, resolve_devices
 from rwmh.kernel import RWMHState, check_step_size, factor_proposal_cov
@@ -168,31 +167,22 @@ class _InFlight:
 
     def __init__(self):
         self._queue = []
-        #: Ctrl-C presses seen by :meth:`defer_ctrl_c`'s handler.
-        self.interrupts = 0
-        self._previous_handler = None
+        self._deferral = contextlib.ExitStack()
+
+    @property
+    def interrupts(self) -> int:
+        """Ctrl-C presses held since :meth:`defer_ctrl_c` (or by an enclosing deferral)."""
+        return _ctrl_c.presses()
 
     def defer_ctrl_c(self) -> None:
         """Turn the first Ctrl-C into a stop at the next chunk boundary (:func:`_run_phase`
         raises ``KeyboardInterrupt`` there, once every chunk dispatched is recorded); the
         second raises at once. Only from the main thread and over Python's own handler:
         elsewhere Ctrl-C raises where it lands, and the queue keeps what it interrupted."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return
-
-        def handler(signum, frame):
-            self.interrupts += 1
-            if self.interrupts > 1:
-                raise KeyboardInterrupt
-
-        self._previous_handler = signal.signal(signal.SIGINT, handler)
+        self._deferral.enter_context(_ctrl_c.deferring())
 
     def restore_ctrl_c(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        self._deferral.close()
 
     def hold(self, record: Callable, *arguments) -> None:
         """Queue this chunk, then record every chunk queued before it."""
