@@ -42,6 +42,7 @@ __all__ = [
     "decode_tree",
     "save",
     "load",
+    "load_state",
 ]
 
 #: Value of ``metadata["format"]``, which tells an rwmh checkpoint from any other ``.npz``.
@@ -243,9 +244,20 @@ def _adapt_arrays(adapt: tuning.AdaptationState) -> dict:
     return {f"adapt/{name}": value for name, value in values.items()}
 
 
-def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) -> None:
+def save(
+    path: str,
+    run: Run,
+    states: RWMHState,
+    adapt: tuning.AdaptationState,
+    traces: bool = True,
+    extra: dict | None = None,
+) -> None:
     """Write ``run`` to ``path`` atomically; ``states`` and ``adapt`` are its chain and
-    adaptation states as host arrays (the caller gathers them from the devices)."""
+    adaptation states as host arrays (the caller gathers them from the devices).
+
+    ``traces=False`` leaves out the warmup trace and the draws (a Zarr store holds them, see
+    :mod:`rwmh.store`), so that the file costs the state alone; ``extra`` is added to the
+    metadata."""
     structure, position_leaves = encode_tree(states.position)
     key_meta, key_data = _key_record(run.rng_key)
     arrays = {"rng_key": key_data, "state/logdensity": states.logdensity}
@@ -258,7 +270,7 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
         optional["parameters/step_size"] = run.parameters["step_size"]
         optional["parameters/proposal_cov"] = run.parameters["proposal_cov"]
         optional["parameters/scale"] = run.proposal.factor
-    warmup, completed = run.completed()
+    warmup, completed = run.completed() if traces else (None, None)
     if warmup is not None:
         optional.update({f"warmup/{name}": value for name, value in warmup._asdict().items()})
     if completed is not None:
@@ -275,6 +287,8 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
         "position_structure": structure,
         "rng_key": key_meta,
         "optional": present,
+        "traces": "file" if traces else "store",
+        **(extra or {}),
     }
     if run.settings.until is not None:
         # The checks so far and the stop, so that a resumed run reports the whole run.
@@ -290,10 +304,27 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
 def load(path) -> Run:
     """Read a checkpoint into a :class:`rwmh.run.Run` with host arrays; ``ValueError`` naming
     ``path`` if it is unreadable or inconsistent."""
+    return _load(path, traces=True)[0]
+
+
+def load_state(path) -> tuple[Run, dict]:
+    """Read a file written by ``save(..., traces=False)`` into a :class:`rwmh.run.Run` without
+    warmup trace or draws (the caller fills them); return it with the file's metadata."""
+    return _load(path, traces=False)
+
+
+def _load(path, traces: bool) -> tuple[Run, dict]:
     metadata, arrays = read(path)
 
     def fail(what):
         return ValueError(f"checkpoint {path!r} is inconsistent: {what}.")
+
+    if metadata.get("traces", "file") != ("file" if traces else "store"):
+        raise fail(
+            "it is the resume state inside an rwmh store; resume the store's directory"
+            if traces
+            else "it holds its own draws, it is not the state of an rwmh store"
+        )
 
     try:
         settings = Settings.from_dict(metadata["settings"])
@@ -364,6 +395,8 @@ def load(path) -> Run:
         run.proposal = FactoredCov(proposal_cov, optional_array("parameters/scale"))
     elif phase != "warmup":
         raise fail(f"phase {phase!r} without sampling parameters")
+    if not traces:
+        return run, metadata
     if "warmup/acceptance_rate" in optional:
         info = tuning.AdaptationInfo(
             *(array(f"warmup/{name}") for name in tuning.AdaptationInfo._fields)
@@ -389,4 +422,4 @@ def load(path) -> Run:
         run.store_draws(jax.tree_util.tree_map(lambda x: np.swapaxes(x, 0, 1), (draws, stats)), 0)
     elif phase == "done" or (phase == "sampling" and next_step > 0):
         raise fail("the draws are missing")
-    return run
+    return run, metadata
