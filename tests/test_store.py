@@ -67,17 +67,32 @@ def _stored(path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The store of a worker run that is not killed, and how long the run took after its
-    store appeared (also filling the compilation cache for the killed runs)."""
+    """The store of a worker run that is not killed (which also fills the compilation cache
+    for the killed runs)."""
     base = tmp_path_factory.mktemp("store")
     cache = base / "jax-cache"
     path = base / "whole.zarr"
     process = _start(path, cache)
-    appeared = _wait_for(path, process)
     _, stderr = process.communicate(timeout=300)
-    duration = time.monotonic() - appeared
     assert process.returncode == 0, stderr
-    return {"path": path, "cache": cache, "arrays": _stored(path), "duration": duration}
+    return {"path": path, "cache": cache, "arrays": _stored(path), "commits": _record(path)}
+
+
+def _record(path):
+    with open(os.path.join(path, "zarr.json")) as handle:
+        return json.load(handle)["attributes"]["rwmh"]
+
+
+def _wait_for_commit(path, process, commit, timeout=120):
+    """Wait until the store has made commit ``commit`` (or the process ended)."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if _record(path)["commit"] >= commit:
+                return
+        except (OSError, ValueError, KeyError):
+            pass  # not there yet (the root is replaced atomically, never torn)
+        time.sleep(0.001)
 
 
 def _evidence(path, record) -> list[str]:
@@ -99,19 +114,22 @@ def _evidence(path, record) -> list[str]:
 
 
 def _kill_and_resume(uninterrupted, tmp_path, rng, index):
+    """Kill a run at a random moment: after a random commit (the store's creation is commit
+    0), a random 0 to 50 ms later (a commit takes tens of ms here), so that the moments fall
+    in warmup and sampling alike, often inside a write."""
     path = tmp_path / f"killed{index}.zarr"
     process = _start(path, uninterrupted["cache"])
     try:
         _wait_for(path, process)
-        time.sleep(rng.uniform(0, uninterrupted["duration"]))
+        _wait_for_commit(path, process, rng.integers(0, uninterrupted["commits"]["commit"]))
+        time.sleep(rng.uniform(0, 0.05))
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
         process.communicate()
-    with open(path / "zarr.json") as handle:
-        record = json.load(handle)["attributes"]["rwmh"]
+    record = _record(path)
     evidence = _evidence(path, record)
     if process.returncode != -signal.SIGKILL:
         return "finished", evidence  # the run ended before the kill: nothing to resume
@@ -139,16 +157,11 @@ def _kill_and_resume(uninterrupted, tmp_path, rng, index):
     np.testing.assert_array_equal(np.asarray(resumed.positions["mu"]), whole["posterior/mu"])
     # Nothing beyond the final commit is left behind.
     assert sorted(n for n in os.listdir(path) if not os.path.isdir(path / n)) == [
-        record_after(path)["state"],
+        _record(path)["state"],
         "zarr.json",
     ]
     shutil.rmtree(path)
     return record["phase"], evidence
-
-
-def record_after(path):
-    with open(os.path.join(path, "zarr.json")) as handle:
-        return json.load(handle)["attributes"]["rwmh"]
 
 
 def _kills(uninterrupted, tmp_path, count, seed):
@@ -158,6 +171,7 @@ def _kills(uninterrupted, tmp_path, count, seed):
 
 def test_sigkill_at_random_moments_resumes_to_the_same_draws(uninterrupted, tmp_path):
     outcomes = _kills(uninterrupted, tmp_path, DEFAULT_KILLS, seed=1)
+    print("kills:", outcomes)
     assert any(phase != "finished" for phase, _ in outcomes), outcomes
 
 

@@ -205,7 +205,7 @@ class Store:
         }
         store = cls(path, {"attributes": {"rwmh": record}}, writer)
         if not writer:
-            store._set_committed(run)
+            store.commit(run, states, adapt)
             return store
         parent = os.path.dirname(os.path.abspath(path))
         building = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.creating-")
