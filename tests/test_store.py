@@ -211,9 +211,33 @@ def test_store_run_equals_the_in_memory_run(tmp_path):
     np.testing.assert_array_equal(np.asarray(again.positions["mu"]), memory.positions["mu"])
 
 
-def test_a_run_without_warmup_and_an_interrupted_one_resume(tmp_path, monkeypatch):
-    kwargs = dict(num_samples=40, num_warmup=0, chunk_size=10, progress_bar=False)
-    args = (jax.random.key(3), store_worker.logdensity, store_worker.initial_positions())
+def _theta_logdensity(theta):
+    return store_worker.logdensity({"theta": theta, "mu": 0.0})
+
+
+def _estimator(x, u):
+    return -0.5 * jnp.sum(x**2) + 0.1 * jnp.sum(u)
+
+
+@pytest.mark.parametrize(
+    "target, kwargs",
+    [
+        (store_worker.logdensity, dict(num_warmup=0)),
+        (rwmh.EstimatedLogDensity(_estimator, aux_shape=(3,)), dict(num_warmup=30, thin=2)),
+        (store_worker.logdensity, dict(num_warmup="auto", max_warmup=150)),
+    ],
+    ids=["no-warmup", "pseudo-marginal-thinned", "auto-warmup"],
+)
+def test_an_interrupted_store_run_resumes(tmp_path, monkeypatch, target, kwargs):
+    kwargs = dict(num_samples=40, chunk_size=10, progress_bar=False, **kwargs)
+    positions = store_worker.initial_positions()
+    if isinstance(target, rwmh.EstimatedLogDensity):
+        positions = positions["theta"][:, :2]
+    elif kwargs["num_warmup"] == "auto":
+        # num_warmup="auto" takes arrays of positions only (warmup_length.AutoWarmup.record).
+        positions = positions["theta"]
+        target = _theta_logdensity
+    args = (jax.random.key(3), target, positions)
     memory = rwmh.sample(*args, **kwargs)
     path = tmp_path / "run.zarr"
     commit = store_file.Store.commit
@@ -230,9 +254,16 @@ def test_a_run_without_warmup_and_an_interrupted_one_resume(tmp_path, monkeypatc
         partial = rwmh.sample(*args, store=path, **kwargs)
     monkeypatch.setattr(store_file.Store, "commit", commit)
     assert partial.extra["interrupted"]
-    assert "warmup_sample_stats" not in os.listdir(path)
-    resumed = rwmh.resume(path, store_worker.logdensity, progress_bar=False)
-    np.testing.assert_array_equal(np.asarray(resumed.positions["theta"]), memory.positions["theta"])
+    assert ("warmup_sample_stats" in os.listdir(path)) == (kwargs["num_warmup"] != 0)
+    resumed = rwmh.resume(path, target, progress_bar=False)
+    for got, expected in zip(
+        jax.tree_util.tree_leaves(resumed.positions),
+        jax.tree_util.tree_leaves(memory.positions),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    np.testing.assert_array_equal(np.asarray(resumed.stats["lp"]), memory.stats["lp"])
+    assert resumed.num_warmup == memory.num_warmup
 
 
 def test_xarray_opens_the_store_as_arviz_lays_it_out(tmp_path):
@@ -260,6 +291,17 @@ def test_xarray_opens_the_store_as_arviz_lays_it_out(tmp_path):
         "step_size",
     ]
     assert tree.posterior.attrs["inference_library"] == "rwmh"
+    from rwmh.arviz import arviz_major_version, import_arviz
+
+    arviz = import_arviz()
+    if arviz_major_version(arviz) >= 1:
+        data = arviz.from_zarr(str(path))  # ArviZ 1.x: xarray.open_datatree(engine="zarr")
+    else:
+        # ArviZ 0.x's from_zarr refuses Zarr 3 and points here instead.
+        data = arviz.from_datatree(tree)
+        assert "warmup_sample_stats" in data.groups()
+    assert data.posterior.sizes["draw"] == 30
+    assert float(arviz.summary(data, var_names=["x"])["r_hat"].max()) > 0
     # The arrays' own metadata (read without the consolidated metadata) is final too.
     assert xarray.open_zarr(path, group="posterior", consolidated=False).sizes["draw"] == 30
 

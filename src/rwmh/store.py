@@ -294,7 +294,9 @@ class Store:
                     f"store {self.path!r}: array {key!r} has {array.shape[0]} chains, the run "
                     f"{settings.num_chains}."
                 )
-            if array.shape[axis] != capacity or committed is None:
+            # A finished run's arrays are trimmed to their length after its last commit.
+            lengths = {capacity, self._length(key) if record.get("phase") == "done" else capacity}
+            if array.shape[axis] not in lengths or committed is None:
                 raise ValueError(
                     f"store {self.path!r}: array {key!r} has shape {array.shape}, not the "
                     f"{capacity} steps of the run."
