@@ -21,7 +21,8 @@ import json
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,8 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "check_path",
+    "fsync_directory",
+    "replace_atomically",
     "read",
     "write",
     "encode_tree",
@@ -82,8 +85,48 @@ def check_path(path) -> str:
     return path
 
 
+def replace_atomically(path: str, write_to: Callable[[BinaryIO], Any]) -> None:
+    """Replace ``path`` by what ``write_to(handle)`` writes: to a temporary file in the same
+    directory, flushed and ``fsync``-ed, moved over ``path`` with ``os.replace``, then the
+    directory ``fsync``-ed so that the rename is durable too. A process killed at any moment
+    leaves the old file or the new one (and at worst a hidden ``.tmp`` file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle = tempfile.NamedTemporaryFile(
+        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            write_to(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        # Never leave temporary files behind, whatever interrupted the write.
+        try:
+            os.unlink(handle.name)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    """``fsync`` a directory (its entries), where the file system allows it."""
+    try:
+        directory_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(directory_fd)
+
+
 def write(path: str, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` and the JSON ``metadata`` to ``path`` atomically.
+    """Write ``arrays`` and the JSON ``metadata`` to ``path`` atomically
+    (:func:`replace_atomically`).
 
     Parameters
     ----------
@@ -95,34 +138,9 @@ def write(path: str, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
         Numeric host arrays; names must not be ``"metadata"``.
     """
     metadata = {"format": FORMAT, "version": VERSION, **metadata}
-    directory = os.path.dirname(os.path.abspath(path))
-    handle = tempfile.NamedTemporaryFile(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
+    replace_atomically(
+        path, lambda handle: np.savez(handle, metadata=np.array(json.dumps(metadata)), **arrays)
     )
-    try:
-        with handle:
-            np.savez(handle, metadata=np.array(json.dumps(metadata)), **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        # Never leave temporary files behind, whatever interrupted the write.
-        try:
-            os.unlink(handle.name)
-        except FileNotFoundError:
-            pass
-        raise
-    # The rename itself is durable only once the directory entry is on disk.
-    try:
-        directory_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(directory_fd)
 
 
 def read(path) -> tuple[dict, dict[str, np.ndarray]]:

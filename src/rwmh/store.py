@@ -107,35 +107,7 @@ def is_store(path) -> bool:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` by ``data``: a flushed, ``fsync``-ed temporary file renamed over it,
-    then the directory ``fsync``-ed, so that the rename survives too."""
-    directory = os.path.dirname(path)
-    handle = tempfile.NamedTemporaryFile(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        try:
-            os.unlink(handle.name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    checkpoint.replace_atomically(path, lambda handle: handle.write(data))
 
 
 def _variables(positions, num_chains: int):
@@ -220,7 +192,7 @@ class Store:
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
-        _fsync_directory(parent)
+        checkpoint.fsync_directory(parent)
         store.path = path
         store._open_arrays()
         return store
@@ -343,7 +315,7 @@ class Store:
                 os.unlink(os.path.join(self.path, name))
         for directory, _, files in os.walk(self.path):
             for name in files:
-                if name.endswith(".partial"):
+                if name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp")):
                     os.unlink(os.path.join(directory, name))
 
     # -- writing ---------------------------------------------------------------------------
