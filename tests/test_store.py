@@ -403,6 +403,26 @@ def test_corrupt_chunk_is_a_clear_error(finished):
     _resume_fails(finished, f"store '{finished}' is damaged")
 
 
+def test_a_damaged_draws_chunk_fails_when_read(finished):
+    """Resume checks that every committed chunk is there, not what is in each; a damaged draws
+    chunk fails its zstd checksum when it is read instead of giving numbers."""
+    chunk = finished / "posterior" / "theta" / "c" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = rwmh.resume(finished, store_worker.logdensity, progress_bar=False)
+    with pytest.raises(Exception, match="(?i)checksum"):
+        np.asarray(result.positions["theta"])
+
+
+def test_a_state_file_of_another_commit_is_a_clear_error(finished):
+    root = finished / "zarr.json"
+    content = json.loads(root.read_text())
+    content["attributes"]["rwmh"]["commit"] -= 1
+    root.write_text(json.dumps(content))
+    _resume_fails(finished, f"store '{finished}' is inconsistent: state file .* is of commit")
+
+
 def test_missing_or_damaged_state_is_a_clear_error(finished):
     (state,) = [n for n in os.listdir(finished) if n.startswith("rwmh-state-")]
     data = (finished / state).read_bytes()
