@@ -6,6 +6,7 @@ tests compare what they write. Usage::
 
     python scale_worker.py sharded OUT              # (XLA_FLAGS gives 4 CPU devices)
     python scale_worker.py distributed OUT PORT ID  # one of two jax.distributed processes
+    python scale_worker.py distributed_store OUT PORT ID  # the same with store=, resumed
     python scale_worker.py single OUT               # the same run in one process, unsharded
     python scale_worker.py checkpointed CKPT        # a slow checkpointed run, to be killed
     python scale_worker.py memory STEPS_FACTOR CHUNK  # peak RSS of a 4096-chain run
@@ -148,6 +149,47 @@ def distributed(out, port, process_id):
     state_devices = len(result.last_state.logdensity.sharding.device_set)
     if jax.process_index() == 0:
         save_result(out, result, state_devices=state_devices)
+    jax.distributed.shutdown()
+
+
+def distributed_store(out, port, process_id):
+    """Both processes sample with ``store=`` (process 0 writes it), stop at the 13th commit (in
+    sampling, as Ctrl-C would, in both), then both resume from the store; each saves what it
+    returns."""
+    import jax
+
+    _initialize_distributed(port, process_id)
+    import rwmh
+    from rwmh import store as store_file
+
+    path = f"{out}.zarr"
+    commit = store_file.Store.commit
+    calls = []
+
+    def stop_after_third(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return commit(self, *args, **kwargs)
+
+    store_file.Store.commit = stop_after_third
+    partial = rwmh.sample(
+        jax.random.key(7),
+        regression_logdensity,
+        initial_regression(8),
+        devices="all",
+        store=path,
+        **{**DISTRIBUTED_RUN, "chunk_size": 10},
+    )
+    store_file.Store.commit = commit
+    assert partial.extra["interrupted"]
+    result = rwmh.resume(path, regression_logdensity, devices="all", progress_bar=False)
+    np.savez(
+        f"{out}.{jax.process_index()}.npz",
+        partial_draws=partial.num_draws,
+        positions=np.asarray(result.positions),
+        lp=np.asarray(result.stats["lp"]),
+    )
     jax.distributed.shutdown()
 
 
@@ -309,6 +351,7 @@ if __name__ == "__main__":
     {
         "distributed": distributed,
         "distributed_until": distributed_until,
+        "distributed_store": distributed_store,
         "single": single,
         "checkpointed": checkpointed,
         "memory": memory,

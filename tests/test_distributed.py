@@ -6,6 +6,7 @@ process 0 gathers the draws and writes them. They must match the same run in one
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -76,3 +77,22 @@ def test_every_process_stops_at_the_same_draw(tmp_path):
     assert single.extra["stop"]["reason"] == "converged"
     assert stops[0] == stops[1]
     assert stops[0][:2] == (expected, expected)
+
+
+def test_two_processes_write_and_resume_one_store(tmp_path):
+    """``store=``: process 0 writes the store, the run stops after a few commits in both
+    processes, and both resume from the store to the draws of the one-process run."""
+    out = tmp_path / "store"
+    _run_two_processes("distributed_store", out)
+    single = rwmh.sample(
+        jax.random.key(7),
+        scale_worker.regression_logdensity,
+        scale_worker.initial_regression(8),
+        **scale_worker.DISTRIBUTED_RUN,
+    )
+    for process_id in (0, 1):
+        with np.load(f"{out}.{process_id}.npz") as run:
+            assert 0 < int(run["partial_draws"]) < 50
+            np.testing.assert_allclose(run["positions"], single.positions, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(run["lp"], single.stats["lp"], rtol=1e-5)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".store")]

@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "to_inference_data",
+    "leaf_names",
     "from_numpyro",
     "group_names",
     "bind_numpyro_submodules",
@@ -125,7 +126,7 @@ def _from_dict(groups: dict, *, coords, dims, attrs, arviz_module=None):
     return az.from_dict(**groups, coords=coords, dims=dims, attrs=dict(attrs), **group_attrs)
 
 
-def _leaf_names(positions, var_name: str) -> tuple[list[str], list]:
+def leaf_names(positions, var_name: str) -> tuple[list[str], list]:
     """Names and leaves of a PyTree of draws, in ``jax.tree_util`` order.
 
     A bare array is ``var_name``; dict keys and NamedTuple fields are used as they are, nested
@@ -162,7 +163,7 @@ def _check_draws(name: str, values: np.ndarray, what: str, sample_shape=None):
 
 
 def _posterior_dict(positions, var_name: str, var_names) -> dict[str, np.ndarray]:
-    names, leaves = _leaf_names(positions, var_name)
+    names, leaves = leaf_names(positions, var_name)
     if not leaves:
         raise ValueError("positions must hold at least one array of draws; got an empty PyTree.")
     if var_names is not None:

@@ -21,7 +21,8 @@ import json
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +37,15 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "check_path",
+    "fsync_directory",
+    "replace_atomically",
     "read",
     "write",
     "encode_tree",
     "decode_tree",
     "save",
     "load",
+    "load_state",
 ]
 
 #: Value of ``metadata["format"]``, which tells an rwmh checkpoint from any other ``.npz``.
@@ -81,8 +85,48 @@ def check_path(path) -> str:
     return path
 
 
+def replace_atomically(path: str, write_to: Callable[[BinaryIO], Any]) -> None:
+    """Replace ``path`` by what ``write_to(handle)`` writes: to a temporary file in the same
+    directory, flushed and ``fsync``-ed, moved over ``path`` with ``os.replace``, then the
+    directory ``fsync``-ed so that the rename is durable too. A process killed at any moment
+    leaves the old file or the new one (and at worst a hidden ``.tmp`` file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle = tempfile.NamedTemporaryFile(
+        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            write_to(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        # Never leave temporary files behind, whatever interrupted the write.
+        try:
+            os.unlink(handle.name)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    """``fsync`` a directory (its entries), where the file system allows it."""
+    try:
+        directory_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(directory_fd)
+
+
 def write(path: str, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` and the JSON ``metadata`` to ``path`` atomically.
+    """Write ``arrays`` and the JSON ``metadata`` to ``path`` atomically
+    (:func:`replace_atomically`).
 
     Parameters
     ----------
@@ -94,34 +138,9 @@ def write(path: str, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
         Numeric host arrays; names must not be ``"metadata"``.
     """
     metadata = {"format": FORMAT, "version": VERSION, **metadata}
-    directory = os.path.dirname(os.path.abspath(path))
-    handle = tempfile.NamedTemporaryFile(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
+    replace_atomically(
+        path, lambda handle: np.savez(handle, metadata=np.array(json.dumps(metadata)), **arrays)
     )
-    try:
-        with handle:
-            np.savez(handle, metadata=np.array(json.dumps(metadata)), **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        # Never leave temporary files behind, whatever interrupted the write.
-        try:
-            os.unlink(handle.name)
-        except FileNotFoundError:
-            pass
-        raise
-    # The rename itself is durable only once the directory entry is on disk.
-    try:
-        directory_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(directory_fd)
 
 
 def read(path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -243,9 +262,20 @@ def _adapt_arrays(adapt: tuning.AdaptationState) -> dict:
     return {f"adapt/{name}": value for name, value in values.items()}
 
 
-def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) -> None:
+def save(
+    path: str,
+    run: Run,
+    states: RWMHState,
+    adapt: tuning.AdaptationState,
+    traces: bool = True,
+    extra: dict | None = None,
+) -> None:
     """Write ``run`` to ``path`` atomically; ``states`` and ``adapt`` are its chain and
-    adaptation states as host arrays (the caller gathers them from the devices)."""
+    adaptation states as host arrays (the caller gathers them from the devices).
+
+    ``traces=False`` leaves out the warmup trace and the draws (a Zarr store holds them, see
+    :mod:`rwmh.store`), so that the file costs the state alone; ``extra`` is added to the
+    metadata."""
     structure, position_leaves = encode_tree(states.position)
     key_meta, key_data = _key_record(run.rng_key)
     arrays = {"rng_key": key_data, "state/logdensity": states.logdensity}
@@ -258,7 +288,7 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
         optional["parameters/step_size"] = run.parameters["step_size"]
         optional["parameters/proposal_cov"] = run.parameters["proposal_cov"]
         optional["parameters/scale"] = run.proposal.factor
-    warmup, completed = run.completed()
+    warmup, completed = run.completed() if traces else (None, None)
     if warmup is not None:
         optional.update({f"warmup/{name}": value for name, value in warmup._asdict().items()})
     if completed is not None:
@@ -275,6 +305,8 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
         "position_structure": structure,
         "rng_key": key_meta,
         "optional": present,
+        "traces": "file" if traces else "store",
+        **(extra or {}),
     }
     if run.settings.until is not None:
         # The checks so far and the stop, so that a resumed run reports the whole run.
@@ -290,10 +322,27 @@ def save(path: str, run: Run, states: RWMHState, adapt: tuning.AdaptationState) 
 def load(path) -> Run:
     """Read a checkpoint into a :class:`rwmh.run.Run` with host arrays; ``ValueError`` naming
     ``path`` if it is unreadable or inconsistent."""
+    return _load(path, traces=True)[0]
+
+
+def load_state(path) -> tuple[Run, dict]:
+    """Read a file written by ``save(..., traces=False)`` into a :class:`rwmh.run.Run` without
+    warmup trace or draws (the caller fills them); return it with the file's metadata."""
+    return _load(path, traces=False)
+
+
+def _load(path, traces: bool) -> tuple[Run, dict]:
     metadata, arrays = read(path)
 
     def fail(what):
         return ValueError(f"checkpoint {path!r} is inconsistent: {what}.")
+
+    if metadata.get("traces", "file") != ("file" if traces else "store"):
+        raise fail(
+            "it is the resume state inside an rwmh store; resume the store's directory"
+            if traces
+            else "it holds its own draws, it is not the state of an rwmh store"
+        )
 
     try:
         settings = Settings.from_dict(metadata["settings"])
@@ -364,6 +413,8 @@ def load(path) -> Run:
         run.proposal = FactoredCov(proposal_cov, optional_array("parameters/scale"))
     elif phase != "warmup":
         raise fail(f"phase {phase!r} without sampling parameters")
+    if not traces:
+        return run, metadata
     if "warmup/acceptance_rate" in optional:
         info = tuning.AdaptationInfo(
             *(array(f"warmup/{name}") for name in tuning.AdaptationInfo._fields)
@@ -389,4 +440,4 @@ def load(path) -> Run:
         run.store_draws(jax.tree_util.tree_map(lambda x: np.swapaxes(x, 0, 1), (draws, stats)), 0)
     elif phase == "done" or (phase == "sampling" and next_step > 0):
         raise fail("the draws are missing")
-    return run
+    return run, metadata

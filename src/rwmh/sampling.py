@@ -32,6 +32,7 @@ import numpy as np
 
 from rwmh import _ctrl_c, chains, checks, convergence, progress, stragglers, tuning, warmup_length
 from rwmh import checkpoint as checkpoint_file
+from rwmh import store as store_file
 from rwmh.devices import Layout, resolve_devices
 from rwmh.kernel import RWMHState, check_step_size, factor_proposal_cov
 from rwmh.run import Run, Settings
@@ -60,6 +61,10 @@ class SampleResult:
         Batched :class:`rwmh.RWMHState` after the last step, to continue sampling.
     warmup_info
         The :class:`rwmh.tuning.AdaptationInfo` trace of warmup, or None without warmup.
+    store
+        With ``store=``: the store's path. ``positions`` and ``stats`` are then read-only Zarr
+        arrays of the store (read when indexed; ``np.asarray`` reads one whole), and
+        :meth:`to_inference_data` opens the store lazily.
     """
 
     positions: Any
@@ -70,6 +75,7 @@ class SampleResult:
     num_warmup: int = 0
     thin: int = 1
     extra: dict = field(default_factory=dict)
+    store: str | None = None
 
     @property
     def num_chains(self) -> int:
@@ -81,8 +87,15 @@ class SampleResult:
 
     def to_inference_data(self, **kwargs):
         """ArviZ ``InferenceData`` with ``posterior`` and ``sample_stats`` groups; keyword
-        arguments go to :func:`rwmh.to_inference_data`."""
+        arguments go to :func:`rwmh.to_inference_data`.
+
+        With ``store=`` and no keyword arguments: the store opened lazily (ArviZ 0.x
+        ``InferenceData``, ArviZ 1.x ``xarray.DataTree``), with its ``warmup_sample_stats``
+        group too; keyword arguments read every draw into memory first."""
         from rwmh.arviz import to_inference_data
+
+        if self.store is not None and not kwargs:
+            return store_file.open_inference_data(self.store)
 
         stats = dict(self.stats)
         stats["step_size"] = np.broadcast_to(
@@ -99,11 +112,23 @@ def _chunks(total: int, size: int, start: int = 0):
 
 
 def _result(
-    run: Run, layout: Layout, interrupted: bool = False, stacklevel: int = 4
+    run: Run,
+    layout: Layout,
+    interrupted: bool = False,
+    stacklevel: int = 4,
+    store: store_file.Store | None = None,
 ) -> SampleResult:
     """The draws of ``run`` so far as a :class:`SampleResult`; a warning if warmup restarted
-    chains (``stacklevel`` counts from here to the user's call)."""
+    chains (``stacklevel`` counts from here to the user's call). With ``store``, the draws are
+    the store's committed ones, read lazily."""
     warmup_info, completed = run.completed()
+    if store is not None:
+        if jax.process_count() > 1:
+            # Process 0 writes the store: the others read it once its last commit is made.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("rwmh store committed")
+        completed = store.results()
     if completed is not None:
         draws, stats = completed
     else:
@@ -142,16 +167,19 @@ def _result(
         num_warmup=run.num_warmup,
         thin=run.settings.thin,
         extra=extra,
+        store=None if store is None else store.path,
     )
 
 
-def _save(run: Run, layout: Layout, path) -> None:
-    if path is None:
+def _save(run: Run, layout: Layout, path, store: store_file.Store | None = None) -> None:
+    if path is None and store is None:
         return
     # Every process takes part in gathering the sharded state; one of them writes it.
     states = layout.to_host(run.states, chain_axis=0)
     adapt = layout.to_host(run.adapt, chain_axis=None)
-    if jax.process_index() == 0:
+    if store is not None:
+        store.commit(run, states, adapt)
+    elif jax.process_index() == 0:
         checkpoint_file.save(path, run, states, adapt)
 
 
@@ -298,11 +326,13 @@ def _drive(
     show,
     logdensity_args=(),
     in_flight: _InFlight | None = None,
+    store: store_file.Store | None = None,
 ):
     """Run ``run`` from where it stands to the end, chunk by chunk.
 
     After every chunk the draws go to the host and, with ``checkpoint_path``, the whole run is
-    saved. A ``KeyboardInterrupt`` returns what was completed (with a warning); any other
+    saved; with ``store``, the chunk is appended to it and committed (the draws are then not
+    kept in memory). A ``KeyboardInterrupt`` returns what was completed (with a warning); any other
     exception carries it as ``error.partial_result``.
     """
     settings = run.settings
@@ -353,16 +383,22 @@ def _drive(
             def record_warmup(first, length, states, adapt, info):
                 host_info = layout.to_host(tuple(info), chain_axis=1)
                 run.store_warmup(host_info, first)
+                if store is not None:
+                    store.write_warmup(host_info, first)
                 bar.update(length, host_info[0])
                 run.states, run.adapt, run.next_step = states, adapt, first + length
                 if auto is not None and not _record_auto_warmup(run, layout, auto):
                     return
-                _save(run, layout, checkpoint_path)
+                _save(run, layout, checkpoint_path, store)
 
             if auto is not None:
                 pieces = auto.pieces(run.next_step, in_flight)
             else:
-                warmup_chunk = settings.chunk_size or bar.chunk_length(num_warmup)
+                if store is not None:
+                    # The store's chunk length: no append rewrites a committed chunk object.
+                    warmup_chunk = store.chunks["warmup"]
+                else:
+                    warmup_chunk = settings.chunk_size or bar.chunk_length(num_warmup)
                 pieces = _chunks(num_warmup, warmup_chunk, run.next_step)
             _run_phase(pieces, dispatch_warmup, record_warmup, in_flight)
             run.start_sampling()
@@ -391,18 +427,23 @@ def _drive(
             if run.phase == "done":
                 return  # dispatched before the check that stopped the run: not part of it
             host_draws = layout.to_host(draws, chain_axis=1)
-            run.store_draws(host_draws, first)
+            if store is not None:
+                store.write_draws(host_draws, first, run.parameters["step_size"])
+            else:
+                run.store_draws(host_draws, first)
             bar.update(num_draws * thin, host_draws[1]["acceptance_rate"], host_draws[0])
             run.states, run.next_step = states, first + num_draws
             if stopping is not None:
                 stopping.after_chunk(run)
             if run.next_step == num_samples:
                 run.phase = "done"
-            _save(run, layout, checkpoint_path)
+            _save(run, layout, checkpoint_path, store)
 
         carry["states"] = run.states
         if stopping is not None:
             sampling_chunk = stopping.chunk
+        elif store is not None:
+            sampling_chunk = store.chunks["sampling"]
         else:
             sampling_chunk = settings.chunk_size or bar.chunk_length(num_samples)
         pieces = _chunks(num_samples, sampling_chunk, run.next_step)
@@ -428,7 +469,7 @@ def _drive(
             RuntimeWarning,
             stacklevel=3,
         )
-        return _result(run, layout, interrupted=True)
+        return _result(run, layout, interrupted=True, store=store)
     except Exception as error:
         bar.close()
         try:
@@ -436,7 +477,7 @@ def _drive(
                 in_flight.finish()
             except Exception:
                 pass  # the chunk in flight failed too: keep what was recorded before it
-            error.partial_result = _result(run, layout, interrupted=True)
+            error.partial_result = _result(run, layout, interrupted=True, store=store)
         except Exception:
             # The failure may have left the devices unusable: never hide the original error.
             raise error from None
@@ -448,7 +489,7 @@ def _drive(
     finally:
         if owner:
             in_flight.restore_ctrl_c()
-    return _result(run, layout)
+    return _result(run, layout, store=store)
 
 
 #: Rounding allowed between the saved and the recomputed log density of a chain, in units of
@@ -521,7 +562,8 @@ def resume(
     Parameters
     ----------
     path
-        The ``checkpoint=`` file of the interrupted run.
+        The ``checkpoint=`` file, or the ``store=`` directory, of the interrupted run (a store
+        is continued from its last commit, and the draws beyond it are computed again).
     logdensity_fn, logdensity_args
         The log density the run was sampling and its extra arguments (functions and data are
         not stored, so they are given again; a mismatch at the saved positions raises
@@ -559,7 +601,12 @@ def resume(
     progress_bar = checks.check_bool(progress_bar, "progress_bar")
     mesh = resolve_devices(devices)
     path = os.fspath(path)
-    run = checkpoint_file.load(path)
+    store = None
+    if store_file.is_store(path):
+        # Every process reads the store; process 0 goes on writing it.
+        store, run = store_file.Store.open(path, writer=jax.process_index() == 0)
+    else:
+        run = checkpoint_file.load(path)
     # Ctrl-C from here on (compiling included) stops the run at a chunk boundary: see sample.
     in_flight = _InFlight()
     in_flight.defer_ctrl_c()
@@ -571,9 +618,11 @@ def resume(
         if run.phase == "warmup" and run.next_step >= run.num_warmup:
             run.start_sampling()
         if run.phase == "done":
-            return _result(run, layout, stacklevel=3)
-        path = checkpoint_file.check_path(path)
-        return _drive(run, logdensity_fn, layout, path, progress_bar, logdensity_args, in_flight)
+            return _result(run, layout, stacklevel=3, store=store)
+        path = None if store is not None else checkpoint_file.check_path(path)
+        return _drive(
+            run, logdensity_fn, layout, path, progress_bar, logdensity_args, in_flight, store
+        )
     finally:
         in_flight.restore_ctrl_c()
 
@@ -598,6 +647,7 @@ def sample(
     checkpoint=None,
     until=None,
     max_warmup: int = warmup_length.DEFAULT_MAX_STEPS,
+    store=None,
 ) -> SampleResult:
     """Run several random-walk Metropolis-Hastings chains: pooled warmup, then sampling.
 
@@ -667,6 +717,17 @@ def sample(
         :func:`rwmh.resume` finishes an interrupted run with identical draws. An existing file
         is replaced. Each write holds all draws so far, so pick ``chunk_size`` to write every
         few minutes rather than every second.
+    store
+        None, or the path of a directory to create: after every chunk the draws and statistics
+        are appended to a Zarr store there, in ArviZ's layout, with the run's state, and
+        committed atomically (see :mod:`rwmh.store`); each append costs one chunk, and the
+        host holds one chunk of draws, not the run (plus the warmup's acceptance-rate trace,
+        a float per chain and warmup step). ``result.positions`` and ``result.stats`` then read
+        from the store. An existing path is refused (nothing is overwritten);
+        :func:`rwmh.resume` continues a store killed at any moment with identical draws, and
+        ArviZ opens it during and after the run (``xarray.open_datatree(path, engine="zarr")``).
+        ``chunk_size=None`` then means about 20 chunks a phase. Not with ``checkpoint`` or
+        ``until``.
 
     max_warmup
         The cap of ``num_warmup="auto"`` (rounded down to a multiple of 25); unused otherwise.
@@ -744,6 +805,17 @@ def sample(
     if checkpoint is not None:
         checkpoint = checkpoint_file.check_path(checkpoint)
         checkpoint_file.encode_tree(initial_positions)
+    if store is not None:
+        if checkpoint is not None:
+            raise ValueError("checkpoint and store: pass one of them (a store is a checkpoint).")
+        if until is not None:
+            raise ValueError(
+                "store= does not support until= (its checks read every draw so far); run "
+                "with num_samples instead."
+            )
+        # Only process 0 writes, and only it may find the store there before it creates it.
+        store = store_file.check_new(store, check_exists=jax.process_index() == 0)
+        checkpoint_file.encode_tree(initial_positions)
     positions = jax.tree_util.tree_map(jnp.asarray, initial_positions)
 
     # Ctrl-C from here on, while the first programs compile included, is deferred to the
@@ -784,8 +856,26 @@ def sample(
             run.parameters = {"step_size": adapt.step_size, "proposal_cov": proposal_cov}
             run.proposal = proposal
             run.phase = "sampling"
+        if store is not None:
+            host = layout.to_host(run.states, chain_axis=0)
+            store = store_file.Store.create(
+                store,
+                run,
+                jax.tree_util.tree_map(np.asarray, host.position),
+                host,
+                layout.to_host(run.adapt, chain_axis=None),
+                store_file.lengths(run),
+                writer=jax.process_index() == 0,
+            )
         return _drive(
-            run, logdensity_fn, layout, checkpoint, progress_bar, logdensity_args, in_flight
+            run,
+            logdensity_fn,
+            layout,
+            checkpoint,
+            progress_bar,
+            logdensity_args,
+            in_flight,
+            store,
         )
     finally:
         in_flight.restore_ctrl_c()
