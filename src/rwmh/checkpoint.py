@@ -72,17 +72,23 @@ def check_path(path) -> str:
         raise ValueError(f"checkpoint must name a file; got {path!r}.")
     if os.path.isdir(path):
         raise ValueError(f"checkpoint must be a file path; {path!r} is a directory.")
+    check_writable_parent(path, "checkpoint")
+    return path
+
+
+def check_writable_parent(path: str, name: str) -> None:
+    """Raise a ValueError naming argument ``name`` unless the directory that would hold
+    ``path`` exists and accepts a new file (tested by creating and removing a temporary one)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise ValueError(f"checkpoint: directory {directory!r} of {path!r} does not exist.")
+        raise ValueError(f"{name}: directory {directory!r} of {path!r} does not exist.")
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".rwmh-probe-"):
             pass
     except OSError as error:
         raise ValueError(
-            f"checkpoint: cannot write in directory {directory!r} of {path!r}: {error}."
+            f"{name}: cannot write in directory {directory!r} of {path!r}: {error}."
         ) from None
-    return path
 
 
 def replace_atomically(path: str, write_to: Callable[[BinaryIO], Any]) -> None:

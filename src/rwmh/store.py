@@ -87,16 +87,7 @@ def check_new(path, check_exists: bool = True) -> str:
             f"rwmh.resume({path!r}, logdensity_fn) continues an rwmh store; otherwise remove it "
             "or choose another path."
         )
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"store: directory {parent!r} of {path!r} does not exist.")
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".rwmh-probe-"):
-            pass
-    except OSError as error:
-        raise ValueError(
-            f"store: cannot write in directory {parent!r} of {path!r}: {error}."
-        ) from None
+    checkpoint.check_writable_parent(path, "store")
     return path
 
 
