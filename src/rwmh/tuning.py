@@ -376,26 +376,15 @@ def merge_moments(weight_a, mean_a, m2_a, weight_b, mean_b, m2_b):
     return total, mean, m2
 
 
-def accumulate(state: AdaptationState, points, weights) -> AdaptationState:
-    """Merge weighted points ``(n, d)`` into the current window's moments.
-
-    ``points`` and ``weights`` may also be sequences of such arrays (sets of points pooled
-    together, as the current points and the proposals of a warmup step): their moments are
-    taken as one batch without concatenating them, which would copy every point once more at
-    every step, a copy that at many chains no longer fits in the processor's cache.
-    """
-    if not isinstance(points, (tuple, list)):
-        points, weights = (points,), (weights,)
-    batch_weight = sum(jnp.sum(w) for w in weights)
-    divisor = jnp.where(batch_weight > 0, batch_weight, 1.0)
-    batch_mean = sum(w @ p for p, w in zip(points, weights, strict=True)) / divisor
-    batch_m2 = 0.0
-    for p, w in zip(points, weights, strict=True):
-        centred = p - batch_mean
-        if state.m2.ndim == 2:
-            batch_m2 = batch_m2 + (centred * w[:, None]).T @ centred
-        else:
-            batch_m2 = batch_m2 + w @ (centred * centred)
+def accumulate(state: AdaptationState, points: Array, weights: Array) -> AdaptationState:
+    """Merge weighted points ``(n, d)`` into the current window's moments."""
+    batch_weight = jnp.sum(weights)
+    batch_mean = weights @ points / jnp.where(batch_weight > 0, batch_weight, 1.0)
+    centred = points - batch_mean
+    if state.m2.ndim == 2:
+        batch_m2 = (centred * weights[:, None]).T @ centred
+    else:
+        batch_m2 = weights @ (centred * centred)
     weight, mean, m2 = merge_moments(
         state.weight, state.mean, state.m2, batch_weight, batch_mean, batch_m2
     )
@@ -543,32 +532,22 @@ def update(
     # Covariance: Rao-Blackwellised pooled draws while inside a slow window. The next state
     # is the proposal with probability a and the current point otherwise, so weighting both
     # by those probabilities gives the conditional expectation of each statistic.
-    # Under a cond, so the steps outside the slow windows (the fast phases, up to half of a
-    # short warmup) cost nothing here; and the current points and the proposals are pooled
-    # without concatenating them (see accumulate).
-    def pool(state):
-        weights = (
-            jnp.broadcast_to(chain_weights - acceptance_rates, acceptance_rates.shape),
-            acceptance_rates,
-        )
-        weights = tuple(w.astype(dtype) for w in weights)
-        # A rejected proposal (weight 0) may lie at +-inf when the step overflowed, and
-        # 0 * inf is NaN: it would poison the window's moments (no covariance update, no
-        # step-size restart for this window and the next). Points of weight 0 count for
-        # nothing, so any value will do.
-        points = tuple(
-            jnp.where(w[:, None] > 0, p.astype(dtype), 0.0)
-            for p, w in zip((flat_positions, flat_proposals), weights, strict=True)
-        )
-        state = accumulate(state, points, weights)
-        return jax.lax.cond(
-            window_end | refresh,
-            lambda s: _refresh(s, window_end, dimension),
-            lambda s: s,
-            state,
-        )
-
-    return jax.lax.cond(in_slow_window, pool, lambda s: s, new_state)
+    points = jnp.concatenate([flat_positions, flat_proposals]).astype(dtype)
+    weights = jnp.concatenate([chain_weights - acceptance_rates, acceptance_rates]).astype(dtype)
+    # A rejected proposal (weight 0) may lie at +-inf when the step overflowed, and 0 * inf is
+    # NaN: it would poison the window's moments (no covariance update, no step-size restart for
+    # this window and the next). Points of weight 0 count for nothing, so any value will do.
+    points = jnp.where(weights[:, None] > 0, points, jnp.zeros_like(points))
+    accumulated = accumulate(new_state, points, weights)
+    new_state = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(in_slow_window, a, b), accumulated, new_state
+    )
+    return jax.lax.cond(
+        in_slow_window & (window_end | refresh),
+        lambda s: _refresh(s, window_end, dimension),
+        lambda s: s,
+        new_state,
+    )
 
 
 def final(state: AdaptationState) -> dict:
