@@ -262,11 +262,11 @@ def sample_kernel(state: RWMHKernelState, potential_fn, settings: KernelSettings
         new, info = kernel(key_step, current, logdensity_fn, step_size, adapt_state.proposal)
         flat_position = ravel_pytree(z)[0]
         flat_proposal = ravel_pytree(info.proposal.position)[0]
-        return new, info.acceptance_rate, flat_position, flat_proposal, rng_key
+        return new, info.acceptance_rate, flat_position, flat_proposal
 
     if batched:
         move = jax.vmap(move)
-    new, accept_prob, flat_positions, flat_proposals, rng_key = move(
+    new, accept_prob, flat_positions, flat_proposals = move(
         state.z, state.potential_energy, state.rng_key
     )
     if settings.adapt_step_size or settings.adapt_proposal_cov:
@@ -291,7 +291,7 @@ def sample_kernel(state: RWMHKernelState, potential_fn, settings: KernelSettings
         mean_accept_prob=mean_accept_prob,
         step_size=step_size,
         adapt_state=adapt_state,
-        rng_key=rng_key,
+        rng_key=state.rng_key,
     )
 
 
