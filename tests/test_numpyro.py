@@ -334,6 +334,40 @@ def test_sequential_chains_adapt_separately():
     assert step_size[0, 0] != step_size[1, 0]
 
 
+@pytest.mark.parametrize("select", [False, True], ids=["cond", "select"])
+def test_both_ways_of_freezing_the_parameters_adapt_then_freeze(select, monkeypatch):
+    """rwmh.numpyro keeps sampling iterations from adapting with a lax.cond on jax 0.10 and
+    with a select on jax 0.12 (SELECT_ADAPTATION, the faster there): both ways, on either
+    jax, adapt during warmup and leave every parameter at its last warmup value after."""
+    import rwmh.numpyro
+
+    monkeypatch.setattr(rwmh.numpyro, "SELECT_ADAPTATION", select)
+    mcmc = MCMC(
+        RWMH(small_model),
+        num_warmup=300,
+        num_samples=50,
+        num_chains=3,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
+    mcmc.warmup(jax.random.key(4), SMALL_DATA, extra_fields=("step_size",), collect_warmup=True)
+    warmup_steps = np.asarray(mcmc.get_extra_fields()["step_size"])
+    warmed = mcmc.post_warmup_state
+    mcmc.run(warmed.rng_key, SMALL_DATA, extra_fields=("step_size",))
+    sampling_steps = np.asarray(mcmc.get_extra_fields()["step_size"])
+    # Warmup moved the step size away from its start and the covariance away from the
+    # identity.
+    assert np.unique(warmup_steps).size > 10
+    assert not np.allclose(np.asarray(warmed.adapt_state.proposal_cov), np.eye(2))
+    # Every sampling iteration used exactly the step size warmup ended with, and the whole
+    # adaptation state (covariance, its factor, the window statistics) is where warmup left it.
+    assert np.all(sampling_steps == np.asarray(warmed.step_size)[0])
+    now = jax.tree_util.tree_leaves(mcmc.last_state.adapt_state)
+    then = jax.tree_util.tree_leaves(warmed.adapt_state)
+    for a, b in zip(now, then, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_post_warmup_state_continues_the_same_chain(regression):
     whole, x, y = regression
     pieces = MCMC(
