@@ -470,9 +470,11 @@ def assert_numpyro_healthy(mcmc, logdensity_fn, positions):
     fields = mcmc.get_extra_fields(group_by_chain=True)
     lp = -np.asarray(fields["potential_energy"])
     assert_healthy(positions, lp, np.asarray(fields["accept_prob"]), logdensity_fn)
-    # Vectorized: one adaptation state shared by all chains.
+    # Vectorized: one adaptation state shared by all chains, its step size repeated per chain.
     adapt = mcmc.last_state.adapt_state
-    assert_parameters_valid({"step_size": adapt.step_size, "proposal_cov": adapt.proposal_cov})
+    step_sizes = np.asarray(adapt.step_size)
+    assert step_sizes.shape == (mcmc.num_chains,) and np.all(step_sizes == step_sizes[0])
+    assert_parameters_valid({"step_size": step_sizes[0], "proposal_cov": adapt.proposal_cov})
     for name in ("mean", "m2", "previous_mean", "previous_m2"):
         assert np.all(np.isfinite(np.asarray(getattr(adapt, name)))), name
 
@@ -505,5 +507,5 @@ def test_numpyro_recovers_from_a_step_size_that_overflows_proposals():
     )
     draws = np.asarray(mcmc.get_samples(group_by_chain=True))
     assert_numpyro_healthy(mcmc, standard_normal, draws)
-    assert float(mcmc.last_state.adapt_state.step_size) < 10.0
+    assert np.all(np.asarray(mcmc.last_state.adapt_state.step_size) < 10.0)
     assert np.mean(mcmc.get_extra_fields()["accept_prob"]) > 0.1

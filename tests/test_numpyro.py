@@ -334,6 +334,31 @@ def test_sequential_chains_adapt_separately():
     assert step_size[0, 0] != step_size[1, 0]
 
 
+@pytest.mark.parametrize("chain_method", ["vectorized", "sequential"])
+def test_adapt_state_step_size_is_collected_per_chain(chain_method):
+    """``extra_fields=("adapt_state.step_size",)``, as NumPyro users collect it from HMC and
+    NUTS, gives one step size per chain and draw; vectorized, where the adaptation state is
+    shared by the chains, it failed in NumPyro's collection (IndexError in swapaxes)."""
+    mcmc = run_mcmc(
+        RWMH(small_model),
+        SMALL_DATA,
+        num_warmup=100,
+        num_samples=30,
+        num_chains=3,
+        chain_method=chain_method,
+        extra_fields=("adapt_state.step_size", "step_size"),
+    )
+    fields = mcmc.get_extra_fields(group_by_chain=True)
+    collected = np.asarray(fields["adapt_state.step_size"])
+    assert collected.shape == (3, 30)
+    assert np.array_equal(collected, np.asarray(fields["step_size"]))
+    assert np.all(collected > 0)
+    if chain_method == "vectorized":
+        # The adaptation is pooled: one step size for all chains, and one covariance.
+        assert np.all(collected == collected[0, 0])
+        assert mcmc.last_state.adapt_state.proposal_cov.shape == (2, 2)
+
+
 @pytest.mark.parametrize("select", [False, True], ids=["cond", "select"])
 def test_both_ways_of_freezing_the_parameters_adapt_then_freeze(select, monkeypatch):
     """rwmh.numpyro keeps sampling iterations from adapting with a lax.cond on jax 0.10 and

@@ -77,7 +77,9 @@ class RWMHKernelState(NamedTuple):
     In vectorized mode (``chain_method="vectorized"``) every field but ``adapt_state`` carries
     a leading chain axis, so that ``MCMC`` can collect it per chain (the pooled step size is
     then the same for all chains); ``adapt_state`` is shared by all chains and held once, so
-    that the state does not grow as chains x d^2.
+    that the state does not grow as chains x d^2, but for its ``step_size``, repeated per
+    chain like the field ``step_size``, so that ``extra_fields=("adapt_state.step_size",)``
+    collects it as it does for NumPyro's HMC and NUTS.
 
     i
         Iteration counter, starting at 0. Iterations ``i < num_warmup`` adapt; it is *not*
@@ -99,7 +101,7 @@ class RWMHKernelState(NamedTuple):
     adapt_state
         The :class:`rwmh.tuning.AdaptationState`; its ``proposal`` is the proposal covariance
         (with its factor) that the next transition uses, and its ``step_size`` equals
-        ``step_size``.
+        ``step_size`` (one per chain in vectorized mode, as that is).
     rng_key
         The chain's key. It does not change from one transition to the next: transition ``i``
         draws from ``jax.random.fold_in(rng_key, i)``, so a state continued from
@@ -219,7 +221,7 @@ def init_kernel(init_params, potential_fn, adapt_state, rng_key) -> RWMHKernelSt
             accept_prob=zeros,
             mean_accept_prob=zeros,
             step_size=_repeat(adapt_state.step_size, num_chains),
-            adapt_state=adapt_state,
+            adapt_state=adapt_state._replace(step_size=_repeat(adapt_state.step_size, num_chains)),
             rng_key=rng_key,
         )
     potential_energy = jnp.asarray(potential_fn(init_params))
@@ -244,7 +246,7 @@ def sample_kernel(state: RWMHKernelState, potential_fn, settings: KernelSettings
     """One random-walk Metropolis-Hastings transition, adapting while ``i < num_warmup``.
 
     A batched state (vectorized mode) moves all its chains and adapts once from all of them;
-    its ``adapt_state`` stays one shared copy.
+    its ``adapt_state`` stays one shared copy (but for its per-chain ``step_size``).
     """
     logdensity_fn = lambda z: -potential_fn(z)
     kernel = build_kernel()
@@ -252,6 +254,8 @@ def sample_kernel(state: RWMHKernelState, potential_fn, settings: KernelSettings
     adapt_state = state.adapt_state
     # The step size and the counter are the same for all chains of a batch.
     i, step_size = _first((state.i, state.step_size)) if batched else (state.i, state.step_size)
+    if batched:
+        adapt_state = adapt_state._replace(step_size=_first(adapt_state.step_size))
 
     def move(z, potential_energy, rng_key):
         # The key of transition i is fold_in(chain key, i), as rwmh.sample derives its step
@@ -283,6 +287,7 @@ def sample_kernel(state: RWMHKernelState, potential_fn, settings: KernelSettings
     mean_accept_prob = state.mean_accept_prob + (accept_prob - state.mean_accept_prob) / n
     if batched:
         step_size = _repeat(step_size, state.potential_energy.shape[0])
+        adapt_state = adapt_state._replace(step_size=step_size)
     return RWMHKernelState(
         i=itr,
         z=new.position,
