@@ -13,7 +13,9 @@ on NumPyro's unconstrained space) and a 10-d Gaussian with a dense covariance (c
   key) first meet the same bounds: the cost of checking on a geometric schedule instead of
   after every chunk; and the default fixed length (1000 draws) with its worst R-hat and ESS.
 
-Run ``python benchmarks/until.py`` (``--quick``: the regression alone, 1 repeat).
+Run ``python benchmarks/until.py`` (``--quick``: the regression alone, 1 repeat;
+``--check-cost``: for each problem, only the compiled call of 1000 warmup steps and 1000 draws
+against one check of its draws, a minute where the whole run takes about 20).
 """
 
 from __future__ import annotations
@@ -122,11 +124,39 @@ def measure(label, logdensity, initial, key, repeats, cap):
     )
 
 
+def check_cost(label, logdensity, initial, key, num_draws=1000):
+    """Wall time of a compiled fixed-length call (default warmup, ``num_draws`` draws) against
+    one check of all its draws: the least any rule that checks with ArviZ on all draws pays."""
+
+    def run():
+        result = rwmh.sample(key, logdensity, initial, num_samples=num_draws, progress_bar=False)
+        return jax.block_until_ready(result.positions)
+
+    run()  # compiles
+    draws, call = timed(run)
+    convergence.check(convergence.flat_draws(draws)[:, :100], rwmh.Converged())  # imports ArviZ
+    report, check = timed(lambda: convergence.check(draws, rwmh.Converged()))
+    print(
+        f"\n{label}: compiled call of 1000 warmup steps and {num_draws} draws {call:.3f} s; one "
+        f"check of its {np.shape(convergence.flat_draws(draws))} draws {check:.3f} s "
+        f"({check / call:.2f}x the call; max R-hat {report['max_rhat']:.4f}, least bulk ESS "
+        f"{report['min_ess_bulk']:.0f})"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the regression alone, 1 repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--check-cost", action="store_true", help="one call against one check, per problem"
+    )
     args = parser.parse_args()
+    if args.check_cost:
+        print(f"jax {jax.__version__}, {jax.default_backend()}")
+        check_cost(*regression_problem())
+        check_cost(*gaussian_problem())
+        return
     repeats = 1 if args.quick else args.repeats
     print(
         f"jax {jax.__version__}, {jax.default_backend()}, until=rwmh.Converged() "
