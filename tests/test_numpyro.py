@@ -30,14 +30,24 @@ from rwmh.numpyro import RWMH, RWMHKernelState
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
+def make_mcmc(kernel, *, num_warmup, num_samples, num_chains=1, chain_method="vectorized"):
+    return MCMC(
+        kernel,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method=chain_method,
+        progress_bar=False,
+    )
+
+
 def run_mcmc(kernel, *args, num_warmup, num_samples, num_chains=1, seed=0, **kwargs):
-    mcmc = MCMC(
+    mcmc = make_mcmc(
         kernel,
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,
         chain_method=kwargs.pop("chain_method", "vectorized"),
-        progress_bar=False,
     )
     mcmc.run(jax.random.key(seed), *args, **kwargs)
     return mcmc
@@ -140,14 +150,7 @@ TRUTH = {"intercept": 1.0, "slope": 2.0, "sigma": 0.5}
 @pytest.fixture(scope="module")
 def regression():
     x, y = simulate_linear_regression(jax.random.key(0), 100, **TRUTH)
-    mcmc = MCMC(
-        RWMH(linear_regression),
-        num_warmup=1000,
-        num_samples=2000,
-        num_chains=4,
-        chain_method="vectorized",
-        progress_bar=False,
-    )
+    mcmc = make_mcmc(RWMH(linear_regression), num_warmup=1000, num_samples=2000, num_chains=4)
     mcmc.run(jax.random.key(1), x, y, extra_fields=("step_size", "mean_accept_prob", "i"))
     return mcmc, x, y
 
@@ -367,14 +370,7 @@ def test_both_ways_of_freezing_the_parameters_adapt_then_freeze(select, monkeypa
     import rwmh.numpyro
 
     monkeypatch.setattr(rwmh.numpyro, "SELECT_ADAPTATION", select)
-    mcmc = MCMC(
-        RWMH(small_model),
-        num_warmup=300,
-        num_samples=50,
-        num_chains=3,
-        chain_method="vectorized",
-        progress_bar=False,
-    )
+    mcmc = make_mcmc(RWMH(small_model), num_warmup=300, num_samples=50, num_chains=3)
     mcmc.warmup(jax.random.key(4), SMALL_DATA, extra_fields=("step_size",), collect_warmup=True)
     warmup_steps = np.asarray(mcmc.get_extra_fields()["step_size"])
     warmed = mcmc.post_warmup_state
@@ -395,13 +391,11 @@ def test_both_ways_of_freezing_the_parameters_adapt_then_freeze(select, monkeypa
 
 def test_post_warmup_state_continues_the_same_chain(regression):
     whole, x, y = regression
-    pieces = MCMC(
+    pieces = make_mcmc(
         RWMH(linear_regression),
         num_warmup=whole.num_warmup,
         num_samples=whole.num_samples,
         num_chains=whole.num_chains,
-        chain_method="vectorized",
-        progress_bar=False,
     )
     pieces.warmup(jax.random.key(1), x, y)
     state = pieces.post_warmup_state
