@@ -41,13 +41,22 @@ def make_mcmc(kernel, *, num_warmup, num_samples, num_chains=1, chain_method="ve
     )
 
 
-def run_mcmc(kernel, *args, num_warmup, num_samples, num_chains=1, seed=0, **kwargs):
+def run_mcmc(
+    kernel,
+    *args,
+    num_warmup,
+    num_samples,
+    num_chains=1,
+    seed=0,
+    chain_method="vectorized",
+    **kwargs,
+):
     mcmc = make_mcmc(
         kernel,
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,
-        chain_method=kwargs.pop("chain_method", "vectorized"),
+        chain_method=chain_method,
     )
     mcmc.run(jax.random.key(seed), *args, **kwargs)
     return mcmc

@@ -243,8 +243,7 @@ def _growth_mb_per_fit(memory: list) -> float:
     -48.0, 2.3, 34.5 and 52.5 MB in four runs of this code; 51.2 failed a 48 MB bound in CI).
     Over the same seven runs without a leak (three on jax 0.10, four on 0.12) this slope was
     between -1.1 and 0.4 MB a fit."""
-    fits = np.arange(8, len(memory))
-    return float(scipy.stats.theilslopes(np.asarray(memory[8:]), fits)[0])
+    return float(scipy.stats.theilslopes(memory[8:]).slope)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc (Linux)")
