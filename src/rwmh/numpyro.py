@@ -300,21 +300,18 @@ def sample_kernel(state: RWMHKernelState, potential_fn, settings: KernelSettings
     )
 
 
-#: How :func:`_adapt` keeps sampling iterations from adapting: a ``lax.cond`` that runs the
-#: update only while ``i < num_warmup`` (jax 0.10), or the update at every iteration and a
-#: select of its result (jax 0.12 on). Either way a sampling iteration uses exactly the
-#: parameters of the last warmup one (tested both ways on both versions); which is faster
-#: depends on XLA's CPU runtime. Vectorized ``MCMC(RWMH)`` under ``jax.jit``, 4 chains, the
-#: regression on 1000 points, microseconds per step of 4000 warmup steps / 4000 draws, idle 2
-#: cores, medians of 9 runs: jax 0.10.2, cond 11.9 / 5.7, select 10.0 / 10.7; jax 0.12.0.1,
-#: cond 9.4 / 2.3, select 4.7 / 2.3.
-SELECT_ADAPTATION = jax.__version_info__[:2] >= (0, 12)
-
-
 def _adapt(settings, i, adapt_state, step_size, flat_positions, flat_proposals, accept_prob):
-    """Warmup update from the transitions of all chains in the batch, gated by
-    ``i < num_warmup`` so that sampling never changes the parameters (see
-    :data:`SELECT_ADAPTATION` for how)."""
+    """Warmup update from the transitions of all chains in the batch, under a ``lax.cond`` on
+    ``i < num_warmup`` so that sampling iterations neither change the parameters nor pay for
+    the update.
+
+    A select of the update's result at every iteration instead (what jax 0.12 used before)
+    makes warmup iterations cheaper and sampling ones dearer. ``benchmarks/numpyro_overhead.py``
+    (4 chains, 2000 warmup + 2000 draws, 1000 points), jax 0.12.0.1 on Python 3.13, MCMC(RWMH)
+    against rwmh.sample: cond 1.16, select 1.23 and 1.25; the parts on their own (2000 warmup
+    steps and 1 draw, 1 warmup step and 2000 draws, ms): cond 23.7 and 12.2, select 20.9 and
+    12.6, but with both phases cond 39.6 and select 45.5 ms. On jax 0.10 the cond was the
+    faster already."""
     num_warmup = settings.num_warmup
 
     def update(operand):
@@ -337,11 +334,6 @@ def _adapt(settings, i, adapt_state, step_size, flat_positions, flat_proposals, 
         # transition (users of NumPyro's HMC collect "adapt_state.step_size").
         return adapt_state._replace(step_size=step_size), step_size
 
-    if SELECT_ADAPTATION:
-        updated = update((adapt_state, step_size))
-        return jax.tree_util.tree_map(
-            lambda new, old: jnp.where(i < num_warmup, new, old), updated, (adapt_state, step_size)
-        )
     return jax.lax.cond(i < num_warmup, update, identity, (adapt_state, step_size))
 
 
