@@ -278,9 +278,9 @@ def _dataset(flat: np.ndarray):
 def _arviz_diagnostics(flat: np.ndarray, superchains) -> dict:
     """ArviZ's bulk and tail ESS and rank R-hat per component (and arviz-stats' nested R-hat
     when ``superchains`` is given), as float64 arrays."""
-    from rwmh.arviz import import_arviz
+    from rwmh.arviz import import_stats
 
-    az = import_arviz()
+    az = import_stats()
     data = _dataset(flat)
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         # Constant components (a chain that never moved) give NaN with a RuntimeWarning; NaN

@@ -92,11 +92,11 @@ def _window_rhat(positions: np.ndarray, lp: np.ndarray) -> float:
     """Largest rank R-hat of ``(chain, draw, component)`` states and their log density."""
     import xarray as xr
 
-    from rwmh.arviz import import_arviz
+    from rwmh.arviz import import_stats
 
     if positions.shape[1] < 4:
         return math.inf  # split R-hat needs two halves of two states at least
-    az = import_arviz()
+    az = import_stats()
     values = np.concatenate([positions, lp[..., None]], axis=-1).astype(np.float64)
     data = xr.Dataset({"x": (("chain", "draw", "component"), values)})
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
