@@ -31,23 +31,29 @@ def _handler(signum, frame):
 @contextlib.contextmanager
 def deferring():
     """Hold Ctrl-C inside the block (see :func:`presses`). Only from the main thread and over
-    Python's own handler: elsewhere Ctrl-C is left alone and raises where it lands."""
+    Python's own handler: elsewhere Ctrl-C is left alone and raises where it lands.
+
+    Yields a dict whose ``"presses"``, once the block has ended, is how many presses it held
+    (counted until the previous handler was back, so none falls in between), for a caller
+    whose last safe point came before the block's end: a press after it is not lost."""
+    held = {"presses": 0}
     if _state["depth"] == 0:
         if (
             threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
         ):
-            yield
+            yield held
             return
         _state["presses"] = 0
         _state["previous"] = signal.signal(signal.SIGINT, _handler)
     _state["depth"] += 1
     try:
-        yield
+        yield held
     finally:
         _state["depth"] -= 1
         if _state["depth"] == 0:
             signal.signal(signal.SIGINT, _state["previous"])
+        held["presses"] = _state["presses"]
 
 
 def presses() -> int:

@@ -196,6 +196,7 @@ class _InFlight:
     def __init__(self):
         self._queue = []
         self._deferral = contextlib.ExitStack()
+        self._held = None
 
     @property
     def interrupts(self) -> int:
@@ -207,10 +208,13 @@ class _InFlight:
         raises ``KeyboardInterrupt`` there, once every chunk dispatched is recorded); the
         second raises at once. Only from the main thread and over Python's own handler:
         elsewhere Ctrl-C raises where it lands, and the queue keeps what it interrupted."""
-        self._deferral.enter_context(_ctrl_c.deferring())
+        self._held = self._deferral.enter_context(_ctrl_c.deferring())
 
-    def restore_ctrl_c(self) -> None:
+    def restore_ctrl_c(self) -> int:
+        """End the deferral; the presses it held (see :func:`rwmh._ctrl_c.deferring`)."""
         self._deferral.close()
+        held, self._held = self._held, None
+        return 0 if held is None else held["presses"]
 
     def hold(self, record: Callable, *arguments) -> None:
         """Queue this chunk, then record every chunk queued before it."""
@@ -325,7 +329,8 @@ def _drive(
     checkpoint_path,
     show,
     logdensity_args=(),
-    in_flight: _InFlight | None = None,
+    *,
+    in_flight: _InFlight,
     store: store_file.Store | None = None,
 ):
     """Run ``run`` from where it stands to the end, chunk by chunk.
@@ -339,14 +344,9 @@ def _drive(
     num_warmup, num_samples, thin = settings.num_warmup, settings.num_samples, settings.thin
     warmup_keys, sampling_keys = layout.run_keys(run.rng_key)
     bar = progress.progress_bar(show)
-    owner = in_flight is None
-    if owner:
-        in_flight = _InFlight()
     # The device side of the run: the latest dispatched states (and adaptation state).
     carry = {"states": run.states, "adapt": run.adapt}
     args = layout.replicated(logdensity_args)
-    if owner:
-        in_flight.defer_ctrl_c()
     try:
         if run.phase == "warmup":
             run_warmup = layout.warmup_fn()
@@ -486,10 +486,23 @@ def _drive(
             f"{run.next_step}) are in this exception's partial_result attribute."
         )
         raise
-    finally:
-        if owner:
-            in_flight.restore_ctrl_c()
     return _result(run, layout, store=store)
+
+
+def _acknowledge_late_ctrl_c(result: SampleResult, presses: int, name: str) -> SampleResult:
+    """A Ctrl-C held after the run's last chunk boundary, when no chunk was left for it to
+    stop, still counts: the result, complete, says it was interrupted, as every interrupted
+    run's does. (It used to be dropped with the deferral, and the caller went on as if no key
+    had been pressed.)"""
+    if presses and not result.extra.get("interrupted"):
+        result.extra["interrupted"] = True
+        warnings.warn(
+            f"rwmh.{name} was interrupted after its last step; every draw was computed "
+            "(result.extra['interrupted'] is True).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return result
 
 
 #: Rounding allowed between the saved and the recomputed log density of a chain, in units of
@@ -618,13 +631,22 @@ def resume(
         if run.phase == "warmup" and run.next_step >= run.num_warmup:
             run.start_sampling()
         if run.phase == "done":
-            return _result(run, layout, stacklevel=3, store=store)
-        path = None if store is not None else checkpoint_file.check_path(path)
-        return _drive(
-            run, logdensity_fn, layout, path, progress_bar, logdensity_args, in_flight, store
-        )
+            result = _result(run, layout, stacklevel=3, store=store)
+        else:
+            path = None if store is not None else checkpoint_file.check_path(path)
+            result = _drive(
+                run,
+                logdensity_fn,
+                layout,
+                path,
+                progress_bar,
+                logdensity_args,
+                in_flight=in_flight,
+                store=store,
+            )
     finally:
-        in_flight.restore_ctrl_c()
+        presses = in_flight.restore_ctrl_c()
+    return _acknowledge_late_ctrl_c(result, presses, "resume")
 
 
 def sample(
@@ -867,15 +889,16 @@ def sample(
                 store_file.lengths(run),
                 writer=jax.process_index() == 0,
             )
-        return _drive(
+        result = _drive(
             run,
             logdensity_fn,
             layout,
             checkpoint,
             progress_bar,
             logdensity_args,
-            in_flight,
-            store,
+            in_flight=in_flight,
+            store=store,
         )
     finally:
-        in_flight.restore_ctrl_c()
+        presses = in_flight.restore_ctrl_c()
+    return _acknowledge_late_ctrl_c(result, presses, "sample")
