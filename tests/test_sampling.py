@@ -111,6 +111,30 @@ def test_same_key_same_draws_and_different_keys_differ():
     assert not np.array_equal(a.positions[0], a.positions[1])
 
 
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "legacy"])
+def test_first_draw_uses_the_documented_key_of_its_chain(make_key):
+    """Chain c's first sampling step uses fold_in(fold_in(split(key)[1], c), 0) (rwmh.chains,
+    "Keys"), whichever compiled program derives the chain keys."""
+    positions = np.random.default_rng(0).normal(size=(3, 2)).astype(np.float32)
+    key = make_key(11)
+    result = rwmh.sample(
+        key,
+        standard_normal,
+        positions,
+        num_samples=1,
+        num_warmup=0,
+        step_size=0.7,
+        progress_bar=False,
+    )
+    sampling_key = jax.random.split(key)[1]
+    kernel = rwmh.build_kernel()
+    for chain in range(3):
+        step_key = jax.random.fold_in(jax.random.fold_in(sampling_key, chain), 0)
+        state = rwmh.init(positions[chain], standard_normal)
+        expected, _ = kernel(step_key, state, standard_normal, 0.7)
+        np.testing.assert_allclose(result.positions[chain, 0], expected.position, rtol=1e-6)
+
+
 def test_legacy_key_is_accepted():
     result = rwmh.sample(
         jax.random.PRNGKey(0),
