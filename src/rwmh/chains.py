@@ -342,12 +342,8 @@ def initial_state(
     warmup_key=None,
     logdensity_args=(),
     run_key=None,
-    num_run_keys: int | None = None,
 ):
-    """Batched chain states and a fresh :class:`rwmh.tuning.AdaptationState` for ``positions``;
-    with ``num_run_keys`` (and ``run_key``) also ``run_keys(run_key, num_run_keys)``, computed
-    by the same compiled program (a program of their own took 0.27 s of XLA's time on the
-    first :func:`rwmh.sample` call, benchmarks/compile_log.py).
+    """Batched chain states and a fresh :class:`rwmh.tuning.AdaptationState` for ``positions``.
 
     ``proposal_cov`` (an array, None, or a :class:`rwmh.kernel.FactoredCov` that the caller
     has validated already) is validated against the positions' dimension here, outside
@@ -369,33 +365,18 @@ def initial_state(
             warmup_key = phase_keys(run_key)[0]
         keys = init_keys(warmup_key, num_chains)
 
-    if num_run_keys is not None:
-        checks.check_key(run_key)
-        num_run_keys = int(num_run_keys)
-
     def build(bind):
-        def initial_state(positions, step_size, proposal_cov, dense, keys, args, run_key, count):
+        def initial_state(positions, step_size, proposal_cov, dense, keys, args):
             states = _init_batch(bind(args), positions, keys)
             flat_one, _ = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], positions))
             dtype = flat_one.dtype if jnp.issubdtype(flat_one.dtype, jnp.floating) else float
             adapt = tuning.init(flat_one.shape[0], dtype, step_size, proposal_cov, dense=dense)
-            if count is None:
-                return states, adapt
-            return states, adapt, _run_keys(run_key, count)
+            return states, adapt
 
-        return jax.jit(initial_state, static_argnames=("dense", "count"))
+        return jax.jit(initial_state, static_argnames=("dense",))
 
     program = _program(logdensity_fn, "initial_state", build)
-    return program(
-        positions,
-        step_size,
-        covariance,
-        dense,
-        keys,
-        tuple(logdensity_args),
-        run_key if num_run_keys is not None else None,
-        num_run_keys,
-    )
+    return program(positions, step_size, covariance, dense, keys, tuple(logdensity_args))
 
 
 def warmup_loop(

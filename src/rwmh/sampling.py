@@ -332,21 +332,17 @@ def _drive(
     *,
     in_flight: _InFlight,
     store: store_file.Store | None = None,
-    run_keys=None,
 ):
     """Run ``run`` from where it stands to the end, chunk by chunk.
 
     After every chunk the draws go to the host and, with ``checkpoint_path``, the whole run is
     saved; with ``store``, the chunk is appended to it and committed (the draws are then not
     kept in memory). A ``KeyboardInterrupt`` returns what was completed (with a warning); any other
-    exception carries it as ``error.partial_result``. ``run_keys``: the chain keys of both
-    phases (:meth:`Layout.run_keys`) where they are computed already.
+    exception carries it as ``error.partial_result``.
     """
     settings = run.settings
     num_warmup, num_samples, thin = settings.num_warmup, settings.num_samples, settings.thin
-    if run_keys is None:
-        run_keys = layout.run_keys(run.rng_key)
-    warmup_keys, sampling_keys = run_keys
+    warmup_keys, sampling_keys = layout.run_keys(run.rng_key)
     bar = progress.progress_bar(show)
     # The device side of the run: the latest dispatched states (and adaptation state).
     carry = {"states": run.states, "adapt": run.adapt}
@@ -855,9 +851,7 @@ def sample(
             positions = layout.chains(positions)
         # Validated once, here: warmup starts from it, or sampling uses it as it is.
         proposal = factor_proposal_cov(proposal_cov, chains.flat_dimension(positions))
-        # Unsharded, the chain keys come from the program that computes the initial states;
-        # sharded, Layout.run_keys places them (run_keys=None below).
-        states, adapt, *run_keys = chains.initial_state(
+        states, adapt = chains.initial_state(
             logdensity_fn,
             positions,
             step_size,
@@ -865,7 +859,6 @@ def sample(
             dense,
             run_key=rng_key,
             logdensity_args=logdensity_args,
-            num_run_keys=layout.num_padded if mesh is None else None,
         )
         checks.check_finite_logdensity(layout.to_host(states.logdensity, 0), "initial_positions")
         settings = Settings(
@@ -905,7 +898,6 @@ def sample(
             logdensity_args,
             in_flight=in_flight,
             store=store,
-            run_keys=run_keys[0] if run_keys else None,
         )
     finally:
         presses = in_flight.restore_ctrl_c()
