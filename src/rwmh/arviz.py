@@ -84,20 +84,18 @@ def import_stats():
     summary do not use (``import jax, arviz`` 2.8-3.4 s against ``import jax, arviz_stats``
     2.4-2.5 s on Python 3.13, ArviZ 1.3). On ArviZ 0.x it is ``arviz``.
     """
-    if arviz_major_version() >= 1:
-        import arviz_stats
-
-        return arviz_stats
-    return import_arviz()
+    return _arviz_part("arviz_stats")
 
 
 def import_base():
     """The module whose ``from_dict`` ArviZ exports: ``arviz_base`` on ArviZ 1.x (see
     :func:`import_stats` for why not ``arviz``), ``arviz`` on 0.x."""
-    if arviz_major_version() >= 1:
-        import arviz_base
+    return _arviz_part("arviz_base")
 
-        return arviz_base
+
+def _arviz_part(name: str):
+    if arviz_major_version() >= 1:
+        return importlib.import_module(name)
     return import_arviz()
 
 
