@@ -1,7 +1,8 @@
 """Warmup and sampling throughput of rwmh as the number of chains grows, and peak memory.
 
 Run ``python benchmarks/scale.py`` (``--quick`` for a smoke run of a minute or two; ``--huge``
-adds 1,048,576 chains, for a GPU). Every chain count runs in its own child process, because
+adds 1,048,576 chains, for a GPU; ``--dimension D`` times a correlated D-dimensional Gaussian
+instead of the 3-parameter regression). Every chain count runs in its own child process, because
 peak memory (``ru_maxrss``) is per process and never goes down, and so that the figures of one
 count do not depend on what an earlier one compiled.
 
@@ -59,10 +60,22 @@ MEMORY = dict(num_chains=16384, num_samples=1000)
 MEMORY_CHUNK = 50
 
 
-def _logdensity_and_start(num_chains):
+def _logdensity_and_start(num_chains, dimension=None):
+    """The regression (d = 3), or with ``dimension`` a correlated Gaussian in that many
+    dimensions: precision ``A A' / d + I`` for a standard normal ``A`` (seed 0), mean 0."""
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
+    if dimension is not None:
+        factor = rng.normal(size=(dimension, dimension)) / np.sqrt(dimension)
+        precision = jnp.asarray(factor @ factor.T + np.eye(dimension), jnp.float32)
+
+        def gaussian(position):
+            return -0.5 * position @ precision @ position
+
+        start = 0.1 * np.random.default_rng(1).normal(size=(num_chains, dimension))
+        return gaussian, start.astype(np.float32)
+
     x = rng.normal(size=NUM_DATA).astype(np.float32)
     y = (1.0 + 2.0 * x + 0.5 * rng.normal(size=NUM_DATA)).astype(np.float32)
 
@@ -95,7 +108,7 @@ def _child_throughput(config: dict) -> None:
     import rwmh
 
     num_chains, steps, repeats = config["num_chains"], config["steps"], config["repeats"]
-    logdensity, start = _logdensity_and_start(num_chains)
+    logdensity, start = _logdensity_and_start(num_chains, config.get("dimension"))
     warmup = rwmh.window_adaptation(logdensity)
 
     def run_warmup(seed):
@@ -201,11 +214,15 @@ def _growth(previous, column, num_chains, seconds):
     return math.log(seconds / previous[column]) / math.log(num_chains / previous["num_chains"])
 
 
-def _throughput_table(counts, steps, budget):
+def _throughput_table(counts, steps, budget, dimension=None):
+    target = (
+        f"regression log density ({NUM_DATA} points, d = 3)"
+        if dimension is None
+        else f"correlated Gaussian (d = {dimension})"
+    )
     print(
         f"\nWarmup ({steps} steps, window_adaptation.run) and sampling ({steps} steps, "
-        f"rwmh.sample, thin={THIN}), regression log density ({NUM_DATA} points, d = 3), "
-        "float32; compilation excluded"
+        f"rwmh.sample, thin={THIN}), {target}, float32; compilation excluded"
     )
     header = (
         f"{'chains':>8} {'warmup s':>9} {'warmup c-s/s':>13} {'sampling s':>11} "
@@ -220,6 +237,7 @@ def _throughput_table(counts, steps, budget):
             "num_chains": num_chains,
             "steps": steps,
             "repeats": 5 if num_chains <= 4096 else 3,
+            "dimension": dimension,
         }
         begin = time.perf_counter()
         figures, finished = _in_child(config, budget)
@@ -330,6 +348,12 @@ def main(argv=None):
         "--budget", type=float, default=600.0, help="seconds per chain count (default 600)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--dimension",
+        type=int,
+        default=None,
+        help="time a correlated Gaussian in this many dimensions instead of the regression",
+    )
     args = parser.parse_args(argv)
 
     import jax
@@ -347,7 +371,9 @@ def main(argv=None):
     if args.max_chains is not None:
         counts = [c for c in counts if c <= args.max_chains]
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
-    rows = _throughput_table(counts, steps, args.budget)
+    if args.dimension is not None and args.dimension < 1:
+        parser.error(f"--dimension must be a positive integer; got {args.dimension}")
+    rows = _throughput_table(counts, steps, args.budget, args.dimension)
     _summary(rows, counts)
     if not (args.quick or args.no_memory):
         _memory_table(args.budget)
