@@ -432,3 +432,72 @@ def test_one_chain_samples_near_the_target_acceptance():
     assert rms < 0.038, (rms, acceptance)
     # No bias either: the mean of 48 runs, sd 0.029 / sqrt(48) = 0.004, within 3 of those.
     assert abs(acceptance.mean() - target) < 0.012, acceptance.mean()
+
+
+# --- the stride of the moments in many dimensions --------------------------------------------
+
+
+def test_moment_stride_rule():
+    """Every step below 50 parameters, every floor(d / 25)-th from there, at most every 8th."""
+    strides = {d: tuning.moment_stride(d) for d in (1, 3, 49, 50, 74, 75, 100, 199, 200, 5000)}
+    assert strides == {1: 1, 3: 1, 49: 1, 50: 2, 74: 2, 75: 3, 100: 4, 199: 7, 200: 8, 5000: 8}
+    with pytest.raises(ValueError, match="dimension"):
+        tuning.moment_stride(0)
+
+
+def test_update_with_a_stride_adds_every_kth_step_with_weight_k():
+    """With ``moment_stride`` k only steps whose index is a multiple of k join the moments, each
+    weighted k; the step size adapts at every step all the same."""
+    dimension, num_chains, stride = 3, 4, 3
+    rng = np.random.default_rng(2)
+    schedule = tuning.build_schedule(200)
+    state = tuning.init(dimension, jnp.float32)
+    strided, plain = state, state
+    for index in range(76, 76 + 7):  # inside the first slow window, before its first refresh
+        positions = jnp.asarray(rng.normal(size=(num_chains, dimension)), jnp.float32)
+        proposals = positions + jnp.asarray(rng.normal(size=(num_chains, dimension)), jnp.float32)
+        rates = jnp.asarray(rng.uniform(size=num_chains), jnp.float32)
+        row = schedule.at(index)
+        strided = tuning.update(
+            strided, row, positions, proposals, rates, 0.3, step_index=index, moment_stride=stride
+        )
+        points = jnp.concatenate([positions, proposals])
+        weights = jnp.concatenate([1.0 - rates, rates])
+        if index % stride == 0:
+            plain = tuning.accumulate(plain, points, stride * weights)
+        # The step size recursion sees every step.
+        full = tuning.update(state, row, positions, proposals, rates, 0.3)
+        state = full
+        np.testing.assert_allclose(strided.step_size, full.step_size, rtol=1e-6)
+    np.testing.assert_allclose(strided.weight, plain.weight, rtol=1e-6)
+    np.testing.assert_allclose(strided.mean, plain.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(strided.m2, plain.m2, rtol=1e-4, atol=1e-5)
+    # Two of the seven steps (78 and 81) joined, each with weight 3 per chain-step.
+    np.testing.assert_allclose(strided.weight, 2 * stride * num_chains, rtol=1e-6)
+    with pytest.raises(ValueError, match="step_index"):
+        tuning.update(state, row, positions, proposals, rates, 0.3, moment_stride=2)
+
+
+def test_strided_warmup_is_the_same_in_chunks():
+    """In 60 dimensions (stride 2) the stride follows the global step, not the chunk: warmup
+    in chunks of 7 steps gives bit for bit the run of one chunk."""
+    dimension = 60
+    assert tuning.moment_stride(dimension) == 2
+    logdensity = lambda x: -0.5 * jnp.sum(x**2 * jnp.linspace(1.0, 4.0, dimension))
+    start = np.random.default_rng(3).normal(size=(4, dimension)).astype(np.float32)
+    runs = [
+        rwmh.sample(
+            jax.random.key(1),
+            logdensity,
+            start,
+            num_warmup=160,
+            num_samples=10,
+            chunk_size=chunk,
+            progress_bar=False,
+        )
+        for chunk in (None, 7)
+    ]
+    np.testing.assert_array_equal(
+        runs[0].parameters["proposal_cov"], runs[1].parameters["proposal_cov"]
+    )
+    np.testing.assert_array_equal(runs[0].positions, runs[1].positions)

@@ -403,6 +403,7 @@ def warmup_loop(
     elif target_acceptance_rate is None:
         target_acceptance_rate = tuning.default_target_acceptance_rate(dimension)
     ravel = jax.vmap(lambda p: ravel_pytree(p)[0])
+    stride = tuning.moment_stride(dimension)
 
     def one_step(carry, xs):
         states, adapt = carry
@@ -418,6 +419,8 @@ def warmup_loop(
             info.acceptance_rate,
             target_acceptance_rate,
             chain_mask,
+            step_index=step_index,
+            moment_stride=stride,
         )
         # Under a cond, so the sort it needs costs nothing at the steps that end no window.
         new_states, num_restarted = stragglers.restart_at_window_end(

@@ -324,6 +324,8 @@ def _adapt(settings, i, adapt_state, step_size, flat_positions, flat_proposals, 
             flat_proposals,
             accept_prob,
             settings.target_accept_prob,
+            step_index=i,
+            moment_stride=tuning.moment_stride(flat_positions.shape[-1]),
         )
         if settings.adapt_step_size:
             # The last warmup step hands over the averaged iterate, the value to sample with.

@@ -23,7 +23,11 @@ parameters"), carried over to random-walk Metropolis and to many chains at once:
   proposal covariance becomes the pooled estimate, shrunk toward its own diagonal while
   draws are few, ``w S + (1 - w) 1e-3 diag(S)`` with ``w = n / (n + 5)`` (Stan's
   regulariser, made scale-free so that it does not distort parameters on tiny scales), and
-  the step size restarts from ``2.38 / sqrt(d)`` (Roberts, Gelman & Gilks 1997).
+  the step size restarts from ``2.38 / sqrt(d)`` (Roberts, Gelman & Gilks 1997). From 50
+  parameters on, only every ``floor(d / 25)``-th step (at most every 8th) adds its draws to
+  the moments, with that many times the weight (:func:`moment_stride`): in many dimensions
+  the ``d x d`` update of every step cost as much as the chains' moves, and draws of a random
+  walk a few steps apart carry almost the same information.
 * A final fast phase (default 50 steps) where only the step size adapts. With fewer than four
   chains it is longer (at least 200 chain-steps, see :func:`final_buffer_extension`): the
   step size used after warmup rests on this phase alone.
@@ -82,6 +86,7 @@ __all__ = [
     "final",
     "accumulate",
     "merge_moments",
+    "moment_stride",
 ]
 
 Array = jax.Array
@@ -469,6 +474,8 @@ def update(
     acceptance_rates: Array,
     target_acceptance_rate: float,
     chain_mask: Array | None = None,
+    step_index: Array | None = None,
+    moment_stride: int = 1,
 ) -> AdaptationState:
     """One adaptation step from the transitions of all chains.
 
@@ -490,6 +497,10 @@ def update(
     chain_mask
         Optional ``(num_chains,)`` booleans; chains marked False (padding that fills devices)
         take no part in the pooled statistics. None: every chain counts.
+    step_index, moment_stride
+        With ``moment_stride`` k > 1 (static), only the steps whose warmup ``step_index`` is
+        a multiple of k add their draws to the window's moments, each with weight k, so that
+        the weight still counts chain-steps (:func:`moment_stride` gives k and says why).
 
     Returns
     -------
@@ -543,13 +554,48 @@ def update(
     # NaN: it would poison the window's moments (no covariance update, no step-size restart for
     # this window and the next). Points of weight 0 count for nothing, so any value will do.
     points = jnp.where(weights[:, None] > 0, points, jnp.zeros_like(points))
-    new_state = accumulate(new_state, points, weights)
+    moment_stride = checks.check_int(moment_stride, "moment_stride", 1)
+    if moment_stride == 1:
+        new_state = accumulate(new_state, points, weights)
+    else:
+        if step_index is None:
+            raise ValueError("moment_stride > 1 needs the warmup step_index.")
+        new_state = jax.lax.cond(
+            jnp.asarray(step_index) % moment_stride == 0,
+            lambda s: accumulate(s, points, weights * jnp.asarray(moment_stride, dtype)),
+            lambda s: s,
+            new_state,
+        )
     return jax.lax.cond(
         in_slow_window & (window_end | refresh),
         lambda s: _refresh(s, window_end, dimension),
         lambda s: s,
         new_state,
     )
+
+
+#: Parameters per step of stride in warmup's moments (see :func:`moment_stride`).
+_STRIDE_DIMENSIONS = 25
+#: The largest stride.
+_MAX_MOMENT_STRIDE = 8
+
+
+def moment_stride(dimension: int) -> int:
+    """Every how many warmup steps the draws join the window's moments: every step below 50
+    parameters, then every ``floor(d / 25)``-th step, at most every 8th.
+
+    Each step that joins adds its ``2C`` points to the ``d x d`` moments: a product and a pass
+    over the matrix, which cost as much as moving the chains when ``d`` is large and the
+    chains few (warmup at 4 chains in 200 dimensions ran at 0.41x sampling's chain-steps per
+    second in ``benchmarks/scale.py --dimension 200``). Random-walk draws that close together
+    carry almost the same information: an optimally tuned random walk needs about ``3 d``
+    steps per effective draw (Roberts, Gelman & Gilks 1997: efficiency ``0.331 / d``), so a
+    stride of at most ``d / 25`` steps is under 2% of that and the estimate loses next to
+    nothing. The stride depends only on the dimension, so that every chain count, device
+    layout and chunking of a run takes the same steps.
+    """
+    dimension = checks.check_int(dimension, "dimension", 1)
+    return int(min(max(dimension // _STRIDE_DIMENSIONS, 1), _MAX_MOMENT_STRIDE))
 
 
 def final(state: AdaptationState) -> dict:
