@@ -540,32 +540,38 @@ def update(
         count=count,
     )
 
-    # Covariance: Rao-Blackwellised pooled draws while inside a slow window. The next state
-    # is the proposal with probability a and the current point otherwise, so weighting both
-    # by those probabilities gives the conditional expectation of each statistic.
-    points = jnp.concatenate([flat_positions, flat_proposals]).astype(dtype)
-    weights = jnp.concatenate([chain_weights - acceptance_rates, acceptance_rates]).astype(dtype)
-    # Outside a slow window every weight is 0, which merges nothing: the moments come out
-    # exactly as they went in (the batch's mean and m2 are 0, its merge fraction 0). This
-    # costs the same as a select of the merged state and leaves XLA a dozen fewer operations
-    # to compile and run per step.
-    weights = weights * in_slow_window.astype(dtype)
-    # A rejected proposal (weight 0) may lie at +-inf when the step overflowed, and 0 * inf is
-    # NaN: it would poison the window's moments (no covariance update, no step-size restart for
-    # this window and the next). Points of weight 0 count for nothing, so any value will do.
-    points = jnp.where(weights[:, None] > 0, points, jnp.zeros_like(points))
     moment_stride = checks.check_int(moment_stride, "moment_stride", 1)
+    if moment_stride > 1 and step_index is None:
+        raise ValueError("moment_stride > 1 needs the warmup step_index.")
+
+    def add_draws(state):
+        # Covariance: Rao-Blackwellised pooled draws while inside a slow window. The next
+        # state is the proposal with probability a and the current point otherwise, so
+        # weighting both by those probabilities gives the conditional expectation of each
+        # statistic.
+        points = jnp.concatenate([flat_positions, flat_proposals]).astype(dtype)
+        weights = jnp.concatenate([chain_weights - acceptance_rates, acceptance_rates])
+        weights = weights.astype(dtype)
+        # Outside a slow window every weight is 0, which merges nothing: the moments come out
+        # exactly as they went in (the batch's mean and m2 are 0, its merge fraction 0). This
+        # costs the same as a select of the merged state and leaves XLA a dozen fewer
+        # operations to compile and run per step.
+        weights = weights * in_slow_window.astype(dtype)
+        if moment_stride > 1:
+            weights = weights * jnp.asarray(moment_stride, dtype)
+        # A rejected proposal (weight 0) may lie at +-inf when the step overflowed, and
+        # 0 * inf is NaN: it would poison the window's moments (no covariance update, no
+        # step-size restart for this window and the next). Points of weight 0 count for
+        # nothing, so any value will do.
+        points = jnp.where(weights[:, None] > 0, points, jnp.zeros_like(points))
+        return accumulate(state, points, weights)
+
     if moment_stride == 1:
-        new_state = accumulate(new_state, points, weights)
+        new_state = add_draws(new_state)
     else:
-        if step_index is None:
-            raise ValueError("moment_stride > 1 needs the warmup step_index.")
-        new_state = jax.lax.cond(
-            jnp.asarray(step_index) % moment_stride == 0,
-            lambda s: accumulate(s, points, weights * jnp.asarray(moment_stride, dtype)),
-            lambda s: s,
-            new_state,
-        )
+        # The points are gathered inside the branch, so skipped steps do not build them.
+        joins = jnp.asarray(step_index) % moment_stride == 0
+        new_state = jax.lax.cond(joins, add_draws, lambda s: s, new_state)
     return jax.lax.cond(
         in_slow_window & (window_end | refresh),
         lambda s: _refresh(s, window_end, dimension),
